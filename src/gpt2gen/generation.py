@@ -1,0 +1,250 @@
+"""The autoregressive loop, from raw logits, with a KV cache, batching and streaming.
+
+One loop (`decode_steps`) serves everything: `generate` collects its steps for a batch of
+prompts, `stream` turns them into text as tokens arrive. It mirrors what `model.generate` does
+step for step (left padding, position ids from the attention mask, `logits_to_keep=1`, float32
+scores, one `torch.multinomial` draw per step for the batch, EOS rows padded), so that with the
+same seed it produces the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .loading import context_length
+from .sampling import SamplingParams, select_tokens
+
+
+@dataclass
+class Step:
+    """One decoding step for the whole batch."""
+
+    tokens: torch.Tensor  # [batch] chosen tokens (the pad token for rows already finished)
+    logits: torch.Tensor  # [batch, vocab] raw float32 logits
+    scores: torch.Tensor  # [batch, vocab] processed scores the tokens were drawn from
+    finished: torch.Tensor  # [batch] bool: the row has produced EOS (at this step or before)
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns: token ids, texts and, if asked, each step's logits and scores."""
+
+    sequences: torch.Tensor  # [batch, prompt + new]: left-padded prompt, then new tokens (pad after EOS)
+    prompt_length: int
+    texts: list[str]  # the new text of each row, special tokens removed
+    new_tokens: list[list[int]]  # each row's new tokens, up to and including its EOS
+    finish_reasons: list[str]  # "eos", "length" (max_new_tokens) or "context" (context length)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab], if asked
+    scores: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab], if asked
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str] | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise prompts, padded on the left; an empty or missing prompt starts from the BOS token."""
+    if prompts is None or isinstance(prompts, str):
+        prompts = [prompts or ""]
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rows = [tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prompts]
+    rows = [ids or [bos] for ids in rows]
+    width = max(len(ids) for ids in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=device)
+    return input_ids, attention_mask
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A seeded random generator on the device, or None for the global one."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def decode_steps(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 50,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[Step]:
+    """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
+
+    With `use_cache` the prompt is run once and each later step feeds only the new token, reusing
+    the keys and values of earlier positions (`DynamicCache`); without it every step re-runs the
+    whole sequence (for comparison only: same tokens, much slower).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = context_length(model)
+    if input_ids.shape[1] >= limit:
+        raise ValueError(
+            f"the prompt is {input_ids.shape[1]} tokens long but the model's context holds {limit} tokens "
+            "in all: shorten the prompt to leave room for new tokens"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    # Position ids count only real tokens, so left padding does not shift the prompt.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    # Like `generate`, pass no mask when nothing is padded (a faster attention path).
+    padded = not bool(attention_mask.all())
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    cache = DynamicCache() if use_cache else None
+    sequence, next_input, next_positions = input_ids, input_ids, position_ids
+
+    for _ in range(min(max_new_tokens, limit - input_ids.shape[1])):
+        with torch.inference_mode():
+            out = model(
+                input_ids=next_input if use_cache else sequence,
+                attention_mask=attention_mask if padded else None,
+                position_ids=next_positions if use_cache else position_ids,
+                past_key_values=cache,
+                use_cache=use_cache,
+                logits_to_keep=1,
+            )
+        logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+        tokens, scores = select_tokens(logits, params, generator)
+        tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+        if eos_token_id is not None:
+            unfinished &= tokens != eos_token_id
+        yield Step(tokens=tokens, logits=logits, scores=scores, finished=~unfinished)
+        if not bool(unfinished.any()):
+            return
+        sequence = torch.cat([sequence, tokens[:, None]], dim=-1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[:, None])], dim=-1)
+        next_positions = next_positions[:, -1:] + 1
+        position_ids = torch.cat([position_ids, next_positions], dim=-1)
+        next_input = tokens[:, None]
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: str | Sequence[str] | None = None,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 50,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stop_at_eos: bool = True,
+    output_scores: bool = False,
+    progress: bool = False,
+) -> GenerationResult:
+    """Generate a continuation of each prompt as one batch; `params` may hold one value per prompt.
+
+    `seed` makes sampling reproducible (the same seed and settings give the same text, and the
+    same tokens as `torch.manual_seed(seed); model.generate(...)`). `output_scores` keeps each
+    step's raw logits and processed scores, for plots.
+    """
+    device = model.device
+    input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
+    eos = tokenizer.eos_token_id if stop_at_eos else None
+    steps = decode_steps(
+        model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache,
+    )
+    columns: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    for step in tqdm(steps, total=max_new_tokens, desc="generating", unit="token", disable=not progress, leave=False):
+        columns.append(step.tokens)
+        finished = step.finished
+        if output_scores:
+            logits.append(step.logits)
+            scores.append(step.scores)
+    new = torch.stack(columns, dim=1)
+    new_tokens = []
+    for row in new.tolist():
+        end = row.index(eos) + 1 if eos is not None and eos in row else len(row)
+        new_tokens.append(row[:end])
+    reached_context = input_ids.shape[1] + new.shape[1] >= context_length(model)
+    reasons = ["eos" if done else "context" if reached_context else "length" for done in finished.tolist()]
+    return GenerationResult(
+        sequences=torch.cat([input_ids, new], dim=1),
+        prompt_length=input_ids.shape[1],
+        texts=tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
+        new_tokens=new_tokens,
+        finish_reasons=reasons,
+        logits=logits,
+        scores=scores,
+    )
+
+
+@dataclass
+class StreamChunk:
+    """One streamed token: the text it completes (may be empty) and the step it came from."""
+
+    text: str
+    token_id: int
+    logits: torch.Tensor  # [vocab] raw
+    scores: torch.Tensor  # [vocab] processed
+
+
+class IncrementalDecoder:
+    """Turns tokens into text as they arrive, never emitting half a character.
+
+    Byte-level BPE can split one character (an emoji, an accented letter) over several tokens;
+    decoding them one by one would print U+FFFD. Like `TextIteratorStreamer`, this decodes all
+    tokens so far and holds text back while it ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now complete."""
+        self.tokens.append(token_id)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.emitted = text[self.emitted :], len(text)
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end (an incomplete character decodes as U+FFFD)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
+        new, self.emitted = text[self.emitted :], len(text)
+        return new
+
+
+def stream(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | None = None,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 50,
+    seed: int | None = None,
+) -> Iterator[StreamChunk]:
+    """Generate for one prompt and yield each token's text as soon as it is complete.
+
+    Joining the chunks' text gives the same string as `generate(...).texts[0]` with the same seed.
+    Closing the iterator (or breaking out of the loop) stops generation at once.
+    """
+    device = model.device
+    input_ids, attention_mask = encode_prompts(tokenizer, prompt, device)
+    decoder = IncrementalDecoder(tokenizer)
+    steps = decode_steps(
+        model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    last: StreamChunk | None = None
+    for step in steps:
+        token = int(step.tokens[0])
+        last = StreamChunk(decoder.push(token), token, step.logits[0], step.scores[0])
+        yield last
+    if last is not None and (rest := decoder.flush()):
+        yield StreamChunk(rest, last.token_id, last.logits, last.scores)

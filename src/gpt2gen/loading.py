@@ -1,0 +1,291 @@
+"""One loader for every notebook, script and test: a Hub id or a local folder in, model and tokenizer out.
+
+Resolution of the model name, in order: the `name` argument, the `GPT2GEN_MODEL` environment
+variable, then the default `gpt2`. Only the default falls back: when GPT-2 is neither cached nor
+reachable, the embedded offline model is loaded with a one-line notice. A model the user named
+and that cannot be loaded raises `ModelLoadError`, whose message says what, why and how to fix it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from . import embedded
+
+DEFAULT_MODEL = "gpt2"
+MODEL_ENV_VAR = "GPT2GEN_MODEL"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what, why and how to fix it."""
+
+
+class HubUnreachable(ModelLoadError):
+    """The model is not in the local cache and the Hugging Face Hub cannot be reached."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation, with the facts needed to label its output honestly."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    requested: str
+    is_embedded: bool
+
+    @property
+    def is_gpt2(self) -> bool:
+        return self.model.config.model_type == "gpt2"
+
+    @property
+    def label(self) -> str:
+        """Who produced a text or a number: print this next to every result."""
+        if self.is_embedded:
+            return f"{embedded.EMBEDDED_DISPLAY_NAME} (embedded offline model, not GPT-2)"
+        if self.is_gpt2:
+            return self.name
+        return f"{self.name} ({self.model.config.model_type}, not GPT-2)"
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.model)
+
+
+def context_length(model: PreTrainedModel) -> int:
+    """Longest sequence (prompt + generated tokens) the model accepts."""
+    config = model.config
+    for field in ("n_positions", "max_position_embeddings"):
+        if (value := getattr(config, field, None)) is not None:
+            return int(value)
+    raise ValueError(f"cannot tell the context length of a {config.model_type} model")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a device name (use auto, cpu, cuda, cuda:0 or mps)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu or auto")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available; use cpu or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """`auto` is float32, the reference precision; bfloat16 and float16 are opt-in."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported (use auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def hub_offline() -> bool:
+    """True when the Hub is switched off (HF_HUB_OFFLINE) or cannot be reached within a few seconds."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    return not _hub_reachable(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    # huggingface_hub retries an unreachable host for ~25 s; a direct connection attempt answers at once.
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _is_local_path(name: str) -> bool:
+    if Path(name).expanduser().exists():
+        return True
+    # Hub ids are `name` or `owner/name`; anything else shaped like a path is meant as a folder.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+
+
+def _check_local(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(
+            f"cannot load model {str(path)!r}: no such folder or file. Check the path, or pass a Hub id such as 'gpt2'."
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"cannot load model {str(path)!r}: it is a file, not a model folder (a folder saved with "
+                "save_pretrained, or a .gguf file, is expected)."
+            )
+        return
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"cannot load model {str(path)!r}: the folder has no config.json, so it is not a saved model. "
+            "Save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)."
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"cannot load model {str(path)!r}: the folder has a config.json but no weights (*.safetensors). "
+            "Save the model with model.save_pretrained(folder), which writes model.safetensors."
+        )
+
+
+def _from_pretrained(source: str | Path, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    # A "Loading weights" bar for a one-second load is noise (and varies in notebook outputs).
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _from_pretrained_quiet(source, dtype, **kwargs)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained_quiet(
+    source: str | Path, dtype: torch.dtype, **kwargs
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if str(source).endswith(".gguf"):
+        path = Path(source)
+        kwargs["gguf_file"] = path.name
+        source = path.parent
+    else:
+        kwargs["use_safetensors"] = True
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False, **kwargs)
+    kwargs.pop("use_safetensors", None)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+    return model, tokenizer
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        return _from_pretrained(repo_id, dtype, local_files_only=True)
+    except OSError:
+        pass  # not in the local cache: try the Hub itself
+    if hub_offline():
+        raise HubUnreachable(
+            f"cannot load model {repo_id!r}: it is not in the local Hugging Face cache and the Hub cannot be "
+            "reached (offline, or HF_HUB_OFFLINE is set). Connect once to download it, pass a local model "
+            f"folder, or use the embedded offline model with {MODEL_ENV_VAR}={embedded.EMBEDDED_ALIAS}."
+        )
+    try:
+        return _from_pretrained(repo_id, dtype)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load model {repo_id!r} from the Hugging Face Hub: {_first_line(exc)} "
+            "Check the spelling (e.g. gpt2, gpt2-medium, openai-community/gpt2) or pass a local folder."
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
+    """Eval mode on the device; pad with EOS on the left (GPT-2 has no pad token)."""
+    model.eval()
+    model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    tokenizer.model_max_length = context_length(model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_embedded(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> LoadedModel:
+    """Load the embedded offline model (SmolLM2-135M-Instruct); it is not GPT-2."""
+    try:
+        folder = embedded.ensure_converted()
+    except embedded.EmbeddedModelMissing as exc:
+        raise ModelLoadError(f"cannot load the embedded offline model: {exc}") from exc
+    model, tokenizer = _from_pretrained(folder, resolve_dtype(dtype))
+    _prepare(model, tokenizer, resolve_device(device))
+    return LoadedModel(model, tokenizer, embedded.EMBEDDED_DISPLAY_NAME, embedded.EMBEDDED_ALIAS, is_embedded=True)
+
+
+def requested_model_name(name: str | None = None) -> tuple[str, bool]:
+    """The model to load and whether the user chose it (argument or environment) rather than the default."""
+    if name:
+        return name, True
+    if env := os.environ.get(MODEL_ENV_VAR):
+        return env, True
+    return DEFAULT_MODEL, False
+
+
+def load_model(
+    name: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    announce: bool = True,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for generation.
+
+    `name` is a Hub id, a local folder, a `.gguf` file or `embedded`; None means $GPT2GEN_MODEL,
+    else `gpt2`. Falls back to the embedded model only for the default, with a notice on stderr
+    when `announce` is set; raises `ModelLoadError` for a named model that cannot be loaded.
+    """
+    requested, explicit = requested_model_name(name)
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype)
+    if requested == embedded.EMBEDDED_ALIAS:
+        return load_embedded(target_device, target_dtype)
+
+    if _is_local_path(requested):
+        path = Path(requested).expanduser()
+        _check_local(path)
+        try:
+            model, tokenizer = _from_pretrained(path, target_dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load model {requested!r}: {_first_line(exc)}") from exc
+    else:
+        try:
+            model, tokenizer = _load_hub(requested, target_dtype)
+        except HubUnreachable:
+            if explicit:
+                raise
+            loaded = load_embedded(target_device, target_dtype)
+            if announce:
+                print(
+                    f"gpt2gen: GPT-2 ({requested!r}) is not cached and the Hugging Face Hub cannot be reached, "
+                    f"so the embedded offline model {embedded.EMBEDDED_DISPLAY_NAME} (not GPT-2) was loaded; "
+                    "to use GPT-2, connect once to the internet (it is cached afterwards) or set "
+                    f"{MODEL_ENV_VAR} to a local GPT-2 folder.",
+                    file=sys.stderr,
+                )
+            return loaded
+    _prepare(model, tokenizer, target_device)
+    return LoadedModel(model, tokenizer, requested, requested, is_embedded=False)

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def ensure_converted(progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if not progress:
+    if progress:
+        print(f"gpt2gen: preparing the embedded offline model for first use (about 20 s, once; cached in {target})",
+              file=sys.stderr)
+    else:
         hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)

@@ -45,3 +45,15 @@ def top_tokens(probs: torch.Tensor, tokenizer: PreTrainedTokenizerBase, k: int =
     """The k most probable tokens of a `[vocab]` distribution, most probable first."""
     values, ids = torch.topk(probs, min(k, probs.numel()))
     return [TokenProbability(int(i), tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+
+
+def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of softmax(logits) over the last dimension; filtered (-inf) tokens count as 0."""
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    probs = log_probs.exp()
+    return -(probs * log_probs).nan_to_num(0.0).sum(-1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+
+
+def kept_counts(scores: torch.Tensor) -> torch.Tensor:
+    """How many tokens a filter kept in each row of processed scores (the finite entries)."""
+    return torch.isfinite(scores).sum(-1)

@@ -58,11 +58,88 @@ def plot_before_after(
     suptitle: str = "",
 ):
     """Two panels over the same top-k tokens: the distribution before a filter and after it."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.35 * k + 1.4), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.35 * k + 1.4))
     order = torch.topk(before, min(k, before.numel())).indices
     plot_token_bars(before, tokenizer, k, titles[0], ax=left, order=order)
     plot_token_bars(after, tokenizer, k, titles[1], kept=after > 0, ax=right, order=order)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_temperatures(
+    logits: torch.Tensor, tokenizer: PreTrainedTokenizerBase, temperatures: Sequence[float], k: int = 8, title: str = ""
+):
+    """Grouped bars: the probabilities of the same top-k tokens at several temperatures."""
+    order = torch.topk(logits, k).indices
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / len(temperatures)
+    for n, t in enumerate(temperatures):
+        probs = torch.softmax(logits / t, dim=-1)[order]
+        ax.bar([i + n * width for i in range(k)], probs.tolist(), width, label=f"T = {t:g}")
+    ax.set_xticks([i + width * (len(temperatures) - 1) / 2 for i in range(k)])
+    ax.set_xticklabels([token_label(tokenizer.decode([int(i)])) for i in order], rotation=30)
+    ax.set_ylabel("probability")
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_entropy_curve(temperatures: Sequence[float], entropies: Sequence[float], title: str = ""):
+    """Entropy of the next-token distribution (bits) against temperature."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(temperatures, entropies, marker="o", markersize=3)
+    ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("temperature")
+    ax.set_ylabel("entropy (bits)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cumulative(probs: torch.Tensor, top_p: float, n: int = 40, title: str = "", ax: Axes | None = None) -> Axes:
+    """The sorted cumulative probability curve with the nucleus threshold p and the tokens it keeps."""
+    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+    sorted_probs = torch.sort(probs, descending=True).values[:n]
+    cumulative = sorted_probs.cumsum(0)
+    size = int((cumulative < top_p).sum()) + 1
+    ranks = range(1, len(sorted_probs) + 1)
+    ax.bar(ranks, sorted_probs.tolist(), color=[KEPT_COLOR if r <= size else CUT_COLOR for r in ranks], label="probability")
+    ax.plot(ranks, cumulative.tolist(), color="tab:orange", marker=".", label="cumulative")
+    ax.axhline(top_p, color="tab:red", linestyle="--", linewidth=1, label=f"p = {top_p:g}")
+    ax.set_xlabel("rank of token (most probable first)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="center right", fontsize=8)
+    ax.set_title(title or f"nucleus of p = {top_p:g}: {size} token{'s' if size > 1 else ''}", fontsize=10)
+    return ax
+
+
+def plot_kept_mass(ks: Sequence[int], curves: dict[str, Sequence[float]], title: str = ""):
+    """Probability mass kept by top-k as k grows, one curve per distribution."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, mass in curves.items():
+        ax.plot(ks, mass, marker="o", markersize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("k")
+    ax.set_ylabel("probability mass kept")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_nucleus_sizes(sizes: dict[str, Sequence[int]], title: str = ""):
+    """Number of tokens kept at each generation step, one line per setting."""
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    for label, values in sizes.items():
+        ax.plot(range(1, len(values) + 1), values, marker=".", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("generation step")
+    ax.set_ylabel("tokens kept (log scale)")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

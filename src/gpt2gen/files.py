@@ -1,0 +1,52 @@
+"""Writing result files safely: checked before the work starts, replaced atomically at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Raise ValueError with a clear message if `path` cannot be written as a file; return it resolved."""
+    target = Path(path).expanduser()
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory; give a file path such as {str(target / 'results.json')!r}")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {str(path)!r}: the directory {str(parent)!r} does not exist (create it first)")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"cannot write {str(path)!r}: permission denied")
+    return target
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    A reader sees either the old file or the complete new one, never a truncated file, even if the
+    process is killed while writing.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if target.exists():
+            os.chmod(tmp, target.stat().st_mode & 0o777)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

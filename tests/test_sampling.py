@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
-from transformers import LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 from gpt2gen.sampling import (
     SamplingParams,
@@ -20,6 +27,7 @@ from gpt2gen.sampling import (
     select_tokens,
     top_k_filter,
     top_p_filter,
+    typical_filter,
 )
 
 NO_IDS = torch.zeros((1, 1), dtype=torch.long)  # warpers ignore input_ids
@@ -80,6 +88,13 @@ def test_min_p_equals_transformers(logits, min_p, keep):
 
 
 @settings(max_examples=200, deadline=None)
+@given(logit_batches(), st.one_of(st.sampled_from([0.2, 0.5, 0.9, 0.95]), st.floats(0.01, 0.99)), keep_counts)
+def test_typical_equals_transformers(logits, typical_p, keep):
+    expected = TypicalLogitsWarper(typical_p, min_tokens_to_keep=keep)(NO_IDS, logits)
+    assert same(typical_filter(logits, typical_p, keep), expected)
+
+
+@settings(max_examples=200, deadline=None)
 @given(logit_batches(), st.floats(0.05, 3.0), st.integers(0, 50), probabilities, probabilities)
 def test_pipeline_equals_generates_processor_list(logits, temperature, top_k, top_p, min_p):
     """The processors `generate(do_sample=True, ...)` builds, in its order, give the same scores."""
@@ -105,6 +120,7 @@ def test_per_row_parameters_equal_one_row_at_a_time(data):
         top_k=data.draw(st.lists(st.integers(0, 50), min_size=rows, max_size=rows)),
         top_p=data.draw(st.lists(probabilities, min_size=rows, max_size=rows)),
         min_p=data.draw(st.lists(probabilities, min_size=rows, max_size=rows)),
+        typical_p=data.draw(st.lists(st.floats(0.05, 1.0), min_size=rows, max_size=rows)),
     )
     batched = process_logits(logits, params)
     for i in range(rows):
@@ -182,6 +198,7 @@ def test_greedy_rows_mixed_with_sampled_rows():
         ({"top_p": float("nan")}, r"top_p must be in \[0, 1\] .* got nan"),
         ({"min_p": 2.0}, r"min_p must be in \[0, 1\] \(0 turns it off\), got 2.0"),
         ({"min_tokens_to_keep": 0}, r"min_tokens_to_keep must be an integer >= 1, got 0"),
+        ({"typical_p": 0.0}, r"typical_p must be in \(0, 1\] \(1 turns it off\), got 0.0"),
     ],
 )
 def test_invalid_values_name_the_parameter_and_range(kwargs, message):

@@ -143,3 +143,33 @@ def plot_nucleus_sizes(sizes: dict[str, Sequence[int]], title: str = ""):
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_metric_scatter(table, x: str, y: str, title: str = "", reference: dict[str, float] | None = None):
+    """One labelled point per method (rows of `table`), e.g. perplexity against diversity."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.scatter(table[x], table[y], color=KEPT_COLOR)
+    for name, row in table.iterrows():
+        ax.annotate(name, (row[x], row[y]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if reference:
+        ax.axvline(reference[x], color="gray", linestyle=":", linewidth=1)
+        ax.axhline(reference[y], color="gray", linestyle=":", linewidth=1, label="human text (paper)")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_method_bars(values, ylabel: str, title: str = ""):
+    """One bar per method (a pandas Series indexed by method name)."""
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar(range(len(values)), values.values, color=KEPT_COLOR)
+    ax.set_xticks(range(len(values)), values.index, rotation=30, ha="right")
+    for i, v in enumerate(values.values):
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,8 +1,8 @@
 """Decoding algorithms as pure functions on a batch of logits `[batch, vocab]`.
 
-Greedy, temperature, top-k, top-p (nucleus) and min-p, with the semantics of `transformers`'
-`TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper` and `MinPLogitsWarper` (edge
-cases included), applied in the same order. Every parameter may be one value for the batch or one
+Greedy, temperature, top-k, top-p (nucleus), min-p and typical, with the semantics of
+`transformers`' `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`,
+`MinPLogitsWarper` and `TypicalLogitsWarper` (edge cases included), applied in the same order. Every parameter may be one value for the batch or one
 value per row, so samples with different settings share a batch. Filtered tokens get `-inf`.
 
 Defaults are neutral (temperature 1.0, top_k 0 = off, top_p 1.0, min_p 0.0), unlike
@@ -140,18 +140,50 @@ def min_p_filter(logits: torch.Tensor, min_p: Param, min_tokens_to_keep: int = 1
     return logits.masked_fill(remove & active, FILTER_VALUE)
 
 
+def check_typical_p(value: Param) -> None:
+    """Raise ValueError unless every typical_p lies in (0, 1]."""
+    for p in _values(value):
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"typical_p must be in (0, 1] (1 turns it off), got {p}")
+
+
+def typical_filter(logits: torch.Tensor, typical_p: Param, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Locally typical sampling (Meister et al., 2022): keep the tokens whose surprisal is closest to the entropy.
+
+    Tokens are ranked by |-log p_i - H| and kept, in that order, until their probability reaches
+    typical_p; 1 keeps all. The most likely token can be cut when it is far more predictable than usual.
+    """
+    check_typical_p(typical_p)
+    check_min_tokens_to_keep(min_tokens_to_keep)
+    mass = per_row(typical_p, logits, torch.float64)
+    active = mass < 1.0
+    if not bool(active.any()):
+        return logits
+    log_probs = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
+    distance = torch.abs(-log_probs - entropy)
+    sorted_distance, sorted_indices = torch.sort(distance, descending=False)
+    cumulative = logits.gather(-1, sorted_indices).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass.to(logits.dtype)).sum(dim=1).clamp(max=logits.shape[-1] - 1)
+    sorted_remove = sorted_distance > sorted_distance.gather(1, last.view(-1, 1))
+    sorted_remove[..., :min_tokens_to_keep] = False
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove) & active
+    return logits.masked_fill(remove, FILTER_VALUE)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding settings; each may be one value or one value per batch row.
 
     temperature: 0 = greedy, < 1 sharper, 1 unchanged, > 1 flatter. top_k: 0 = off.
-    top_p: 1.0 = off, 0.0 = best token only. min_p: 0.0 = off.
+    top_p: 1.0 = off, 0.0 = best token only. min_p: 0.0 = off. typical_p: 1.0 = off.
     """
 
     temperature: Param = 1.0
     top_k: Param = 0
     top_p: Param = 1.0
     min_p: Param = 0.0
+    typical_p: Param = 1.0
     min_tokens_to_keep: int = 1
 
     def __post_init__(self) -> None:
@@ -159,6 +191,7 @@ class SamplingParams:
         check_top_k(self.top_k)
         check_probability("top_p", self.top_p, neutral=1.0)
         check_probability("min_p", self.min_p, neutral=0.0)
+        check_typical_p(self.typical_p)
         check_min_tokens_to_keep(self.min_tokens_to_keep)
 
     @classmethod
@@ -182,17 +215,19 @@ class SamplingParams:
             top_k=int(pick(self.top_k)),
             top_p=pick(self.top_p),
             min_p=pick(self.min_p),
+            typical_p=pick(self.typical_p),
             min_tokens_to_keep=self.min_tokens_to_keep,
         )
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The whole warping pipeline, in `transformers`' order: temperature, top-k, top-p, min-p."""
+    """The whole warping pipeline, in `transformers`' order: temperature, top-k, top-p, min-p, typical."""
     keep = params.min_tokens_to_keep
     scores = apply_temperature(logits, params.temperature)
     scores = top_k_filter(scores, params.top_k, keep)
     scores = top_p_filter(scores, params.top_p, keep)
-    return min_p_filter(scores, params.min_p, keep)
+    scores = min_p_filter(scores, params.min_p, keep)
+    return typical_filter(scores, params.typical_p, keep)
 
 
 def select_tokens(

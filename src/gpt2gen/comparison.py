@@ -1,0 +1,210 @@
+"""Comparing decoding methods with numbers: a prompt set, bulk generation through `datasets`, a metrics table.
+
+Prompts come from `data/prompts.jsonl` (written for this repository, the offline default) or,
+with `GPT2GEN_PROMPTS=wikitext` and internet, from WikiText-103, whose real continuations add a
+"Human text" reference row. Generation runs as `Dataset.map(batched=True)` with a progress bar, and
+each method's results are cached on disk under a name made of every setting that affects them, so
+re-running a notebook regenerates nothing unless a setting changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import pandas as pd
+
+from . import metrics
+from .beam import beam_search
+from .embedded import cache_root
+from .generation import generate
+from .loading import LoadedModel
+from .sampling import SamplingParams
+
+PROMPTS_FILE = Path(__file__).resolve().parents[2] / "data" / "prompts.jsonl"
+PROMPTS_ENV_VAR = "GPT2GEN_PROMPTS"  # "local" (default) or "wikitext"
+STUDY_SIZE_ENV_VAR = "GPT2GEN_STUDY_SIZE"  # number of prompts; raise it for a real study
+DEFAULT_STUDY_SIZE = 16
+WIKITEXT = ("Salesforce/wikitext", "wikitext-103-raw-v1")
+HUMAN = "Human text"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A decoding method of the study: sampling parameters, or beam search with `num_beams` beams."""
+
+    name: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    num_beams: int = 0
+
+    def describe(self) -> str:
+        return f"beam search, {self.num_beams} beams" if self.num_beams else repr(self.params)
+
+
+DEFAULT_METHODS = (
+    Method("Greedy", SamplingParams.greedy()),
+    Method("Beam search, b=4", num_beams=4),
+    Method("Pure sampling", SamplingParams()),
+    Method("Temperature 0.7", SamplingParams(temperature=0.7)),
+    Method("Top-k, k=40", SamplingParams(top_k=40)),
+    Method("Top-k, k=640", SamplingParams(top_k=640)),
+    Method("Top-p, p=0.9", SamplingParams(top_p=0.9)),
+    Method("Top-p, p=0.95", SamplingParams(top_p=0.95)),
+    Method("Min-p, 0.1", SamplingParams(min_p=0.1)),
+)
+
+
+def study_size() -> int:
+    """Number of prompts: $GPT2GEN_STUDY_SIZE, else 16 (a few minutes on 2 CPU cores)."""
+    value = os.environ.get(STUDY_SIZE_ENV_VAR, str(DEFAULT_STUDY_SIZE))
+    if not value.isdigit() or int(value) < 2:
+        raise ValueError(f"{STUDY_SIZE_ENV_VAR} must be a whole number >= 2, got {value!r}")
+    return int(value)
+
+
+def load_prompts(source: str | None = None, size: int | None = None, prompt_words: int = 30,
+                 human_words: int = 120) -> datasets.Dataset:
+    """The study's prompts as a `datasets.Dataset` with columns id, prompt and human (None offline).
+
+    `source` is "local" (the shipped JSONL, default) or "wikitext" (needs the Hub): there each
+    prompt is the first `prompt_words` words of a paragraph and `human` the words that follow.
+    """
+    source = source or os.environ.get(PROMPTS_ENV_VAR, "local")
+    size = size or study_size()
+    if source == "local":
+        data = datasets.load_dataset("json", data_files=str(PROMPTS_FILE), split="train")
+        if size > len(data):
+            raise ValueError(f"the local prompt set has {len(data)} prompts; {STUDY_SIZE_ENV_VAR}={size} is too many")
+        data = data.select(range(size)).map(lambda row: {"human": None})
+        return data.select_columns(["id", "prompt", "human"])
+    if source == "wikitext":
+        raw = datasets.load_dataset(*WIKITEXT, split="test")
+        paragraphs = raw.filter(
+            lambda row: not row["text"].strip().startswith("=") and len(row["text"].split()) >= prompt_words + human_words
+        ).select(range(size))
+        return paragraphs.map(
+            lambda row, i: {"id": f"wikitext-{i}", "prompt": " ".join(row["text"].split()[:prompt_words]),
+                            "human": " " + " ".join(row["text"].split()[prompt_words : prompt_words + human_words])},
+            with_indices=True, remove_columns=raw.column_names,
+        )
+    raise ValueError(f"{PROMPTS_ENV_VAR} must be 'local' or 'wikitext', got {source!r}")
+
+
+def _cache_key(loaded: LoadedModel, prompts: datasets.Dataset, method: Method, max_new_tokens: int, seed: int) -> str:
+    from importlib.metadata import version
+
+    settings = {
+        "model": loaded.label, "model_class": type(loaded.model).__name__, "dtype": str(loaded.model.dtype),
+        "prompts": [row["prompt"] for row in prompts], "method": method.describe(), "max_new_tokens": max_new_tokens,
+        "seed": seed, "code": _code_fingerprint(), "transformers": version("transformers"), "torch": version("torch"),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _code_fingerprint() -> str:
+    """A hash of the modules that decide the generated tokens: change them and the cache is rebuilt."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("generation.py", "sampling.py", "beam.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def generate_for(loaded: LoadedModel, prompts: datasets.Dataset, method: Method, max_new_tokens: int = 64,
+                 seed: int = 0, batch_size: int = 8, cache_dir: Path | None = None) -> datasets.Dataset:
+    """One continuation per prompt with `method`, via `Dataset.map`; cached under a settings hash.
+
+    Adds columns `text` (the continuation) and `tokens` (its token ids, without a final EOS).
+    Batch i is seeded with seed + i, so results do not depend on anything but the settings.
+    """
+    key = _cache_key(loaded, prompts, method, max_new_tokens, seed)
+    folder = Path(cache_dir) if cache_dir else cache_root() / "comparison"
+    folder.mkdir(parents=True, exist_ok=True)
+    eos = loaded.tokenizer.eos_token_id
+
+    def run(batch: dict, indices: list[int]) -> dict:
+        if method.num_beams:
+            result = beam_search(loaded.model, loaded.tokenizer, batch["prompt"], num_beams=method.num_beams,
+                                 max_new_tokens=max_new_tokens)
+        else:
+            result = generate(loaded.model, loaded.tokenizer, batch["prompt"], method.params,
+                              max_new_tokens=max_new_tokens, seed=seed + indices[0] // batch_size)
+        generated, texts = result.new_tokens, result.texts
+        tokens = [row[:-1] if row and row[-1] == eos else row for row in generated]
+        return {"text": texts, "tokens": tokens}
+
+    return prompts.map(
+        run, batched=True, batch_size=batch_size, with_indices=True, desc=method.name,
+        cache_file_name=str(folder / f"{key}.arrow"), new_fingerprint=key, load_from_cache_file=True,
+    )
+
+
+def human_tokens(loaded: LoadedModel, prompts: datasets.Dataset, max_new_tokens: int) -> list[list[int]]:
+    """The human continuations, tokenised with the model's tokenizer and cut to `max_new_tokens` tokens."""
+    return [loaded.tokenizer(text, add_special_tokens=False).input_ids[:max_new_tokens] for text in prompts["human"]]
+
+
+def metrics_row(loaded: LoadedModel, prompts: Sequence[str], token_lists: Sequence[Sequence[int]]) -> dict:
+    """Every metric of one method's generations."""
+    return {
+        "perplexity": metrics.perplexity(loaded.model, loaded.tokenizer, prompts, token_lists),
+        "distinct-1": metrics.distinct_n(token_lists, 1),
+        "distinct-2": metrics.distinct_n(token_lists, 2),
+        "distinct-3": metrics.distinct_n(token_lists, 3),
+        "Self-BLEU-4": metrics.self_bleu(token_lists),
+        "Zipf coefficient": metrics.zipf_coefficient(token_lists),
+        "repetition %": 100 * metrics.repetition_rate(token_lists),
+        "mean length": metrics.mean_length(token_lists),
+    }
+
+
+def run_study(loaded: LoadedModel, prompts: datasets.Dataset, methods: Sequence[Method] = DEFAULT_METHODS,
+              max_new_tokens: int = 64, seed: int = 0) -> tuple[pd.DataFrame, dict[str, datasets.Dataset]]:
+    """Generate with every method and measure; returns the metrics table and each method's generations."""
+    generations = {m.name: generate_for(loaded, prompts, m, max_new_tokens, seed) for m in methods}
+    rows = {name: metrics_row(loaded, prompts["prompt"], data["tokens"]) for name, data in generations.items()}
+    if prompts[0]["human"] is not None:
+        rows[HUMAN] = metrics_row(loaded, prompts["prompt"], human_tokens(loaded, prompts, max_new_tokens))
+    table = pd.DataFrame(rows).T
+    table.index.name = "method"
+    return table, generations
+
+
+PAPER_TABLE_FILE = PROMPTS_FILE.with_name("holtzman2019_table1.json")
+# Our method -> the paper's closest row (settings differ where the names differ).
+PAPER_COUNTERPARTS = {
+    HUMAN: "Human",
+    "Greedy": "Greedy",
+    "Beam search, b=4": "Beam, b=16",
+    "Pure sampling": "Pure Sampling",
+    "Temperature 0.7": "Sampling, t=0.9",
+    "Top-k, k=40": "Top-k=40",
+    "Top-k, k=640": "Top-k=640",
+    "Top-p, p=0.95": "Nucleus p=0.95",
+}
+
+
+def paper_table() -> pd.DataFrame:
+    """Table 1 of Holtzman et al. (2019), as transcribed in data/holtzman2019_table1.json."""
+    data = json.loads(PAPER_TABLE_FILE.read_text())
+    return pd.DataFrame.from_dict(data["rows"], orient="index", columns=data["columns"])
+
+
+def side_by_side(table: pd.DataFrame, columns: Sequence[str] = ("perplexity", "Self-BLEU-4", "Zipf coefficient",
+                                                                 "repetition %")) -> pd.DataFrame:
+    """Our measurements next to the paper's row for the closest method."""
+    paper = paper_table()
+    rows = []
+    for ours, theirs in PAPER_COUNTERPARTS.items():
+        row = {"method (here)": ours if ours in table.index else f"{ours} (not measured here)",
+               "method (paper)": theirs}
+        for column in columns:
+            row[f"{column} here"] = table.loc[ours, column] if ours in table.index else float("nan")
+            row[f"{column} paper"] = paper.loc[theirs, column]
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(["method (here)", "method (paper)"])

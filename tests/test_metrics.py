@@ -1,0 +1,133 @@
+"""Each metric on inputs small enough to check by hand, and the comparison study's plumbing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_gpt2
+from gpt2gen import comparison, metrics
+from gpt2gen.generation import generate
+from gpt2gen.loading import load_model
+from gpt2gen.sampling import SamplingParams
+
+
+def test_distinct_n_by_hand():
+    assert metrics.distinct_n([[1, 2, 1, 2]], 1) == 2 / 4
+    assert metrics.distinct_n([[1, 2, 1, 2]], 2) == 2 / 3  # (1,2) (2,1) (1,2)
+    assert metrics.distinct_n([[1, 2, 3], [1, 2, 4]], 2) == 3 / 4  # (1,2) twice, (2,3), (2,4)
+    assert metrics.distinct_n([[1]], 2) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("tokens", "loop"),
+    [
+        ([9, 8, 5, 6, 7, 5, 6, 7, 5, 6, 7], (3, 3)),  # "5 6 7" three times at the end
+        ([1, 2, 3, 4, 5, 6], None),  # no repeat
+        ([1, 2, 3, 1, 2, 3, 4], None),  # a repeat, but not at the end
+        ([4] * 10, None),  # one token ten times: too short a phrase to count
+        ([4] * 60, (1, 60)),  # ... unless it repeats more than 50 times
+        ([1, 2, 1, 2, 1, 2], None),  # a two-token phrase: too short
+        ([7, 1, 2, 3, 4, 1, 2, 3, 4], (4, 2)),
+    ],
+)
+def test_repeating_loop_by_hand(tokens, loop):
+    assert metrics.repeating_loop(tokens) == loop
+
+
+def test_repetition_rate_is_the_share_of_looping_generations():
+    assert metrics.repetition_rate([[5, 6, 7] * 3, [1, 2, 3, 4], [2, 3, 4] * 2, [1]]) == 0.5
+
+
+def test_self_bleu_of_identical_and_disjoint_generations():
+    same = [[1, 2, 3, 4, 5, 6]] * 3
+    assert metrics.self_bleu(same) == pytest.approx(1.0)
+    disjoint = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    assert metrics.self_bleu(disjoint) < 0.01
+    with pytest.raises(ValueError, match="at least two"):
+        metrics.self_bleu([[1, 2]])
+
+
+def test_zipf_coefficient_of_an_exact_zipf_distribution():
+    # Token r appears 1000 / r^s times: the coefficient is s.
+    for s in (1.0, 1.5):
+        tokens = [r for r in range(1, 40) for _ in range(round(1000 / r**s))]
+        assert metrics.zipf_coefficient([tokens]) == pytest.approx(s, abs=0.02)
+
+
+def test_mean_length():
+    assert metrics.mean_length([[1, 2], [1, 2, 3, 4]]) == 3.0
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tokenizer):
+    model = tiny_gpt2()
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()  # tied LM head: every logit is 0
+    ppl = metrics.perplexity(model, tokenizer, ["The fox is", "A"], [[262, 21831], [11, 12, 13]])
+    assert ppl == pytest.approx(50257, rel=1e-4)
+
+
+def test_perplexity_scores_only_the_continuation(tiny_model, tokenizer):
+    prompt, continuation = "The fox is", tokenizer(" quick and brown").input_ids
+    ids = torch.tensor([tokenizer(prompt).input_ids + continuation])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(tiny_model(ids).logits[0, :-1], -1)
+    start = len(tokenizer(prompt).input_ids)
+    nll = -sum(log_probs[start - 1 + i, t] for i, t in enumerate(continuation))
+    expected = math.exp(float(nll) / len(continuation))
+    # Batched with a longer neighbour (right padding), the value is unchanged.
+    ppl = metrics.perplexity(tiny_model, tokenizer, [prompt, "Another, much longer prompt than the first one"],
+                             [continuation, [1, 2, 3, 4, 5]], batch_size=1)
+    together = metrics.perplexity(tiny_model, tokenizer, [prompt], [continuation])
+    assert together == pytest.approx(expected, rel=1e-5)
+    assert metrics.perplexity(tiny_model, tokenizer, [prompt, "Another, much longer prompt than the first one"],
+                              [continuation, [1, 2, 3, 4, 5]]) == pytest.approx(ppl, rel=1e-5)
+
+
+def test_local_prompts_load_through_datasets(monkeypatch):
+    monkeypatch.delenv(comparison.PROMPTS_ENV_VAR, raising=False)
+    prompts = comparison.load_prompts(size=5)
+    assert prompts.column_names == ["id", "prompt", "human"] and len(prompts) == 5
+    assert prompts[0]["id"] == "p01" and prompts[0]["human"] is None
+    with pytest.raises(ValueError, match="has 24 prompts"):
+        comparison.load_prompts(size=30)
+    with pytest.raises(ValueError, match="must be 'local' or 'wikitext'"):
+        comparison.load_prompts(source="webtext", size=2)
+
+
+def test_study_size_setting(monkeypatch):
+    monkeypatch.setenv(comparison.STUDY_SIZE_ENV_VAR, "40")
+    assert comparison.study_size() == 40
+    monkeypatch.setenv(comparison.STUDY_SIZE_ENV_VAR, "many")
+    with pytest.raises(ValueError, match="must be a whole number >= 2, got 'many'"):
+        comparison.study_size()
+
+
+def test_generation_through_datasets_is_cached_and_equals_generate(tiny_model_dir, tmp_path):
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    prompts = comparison.load_prompts(size=4)
+    method = comparison.Method("Top-p", SamplingParams(top_p=0.9))
+    first = comparison.generate_for(loaded, prompts, method, max_new_tokens=8, seed=3, batch_size=2, cache_dir=tmp_path)
+    files = sorted(p.name for p in tmp_path.glob("*.arrow"))
+    assert len(files) == 1
+    again = comparison.generate_for(loaded, prompts, method, max_new_tokens=8, seed=3, batch_size=2, cache_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.arrow")) == files  # loaded, not regenerated
+    assert again["text"] == first["text"]
+    direct = generate(loaded.model, loaded.tokenizer, prompts["prompt"][:2], method.params, 8, seed=3)
+    assert first["text"][:2] == direct.texts
+    other = comparison.generate_for(loaded, prompts, method, max_new_tokens=9, seed=3, batch_size=2, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.arrow"))) == 2 and other["text"] != first["text"]
+
+
+def test_study_table_has_every_method_and_metric(tiny_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT2GEN_CACHE", str(tmp_path))
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    methods = [comparison.Method("Greedy", SamplingParams.greedy()), comparison.Method("Beam", num_beams=2)]
+    table, generations = comparison.run_study(loaded, comparison.load_prompts(size=3), methods, max_new_tokens=6)
+    assert list(table.index) == ["Greedy", "Beam"]
+    assert list(table.columns) == ["perplexity", "distinct-1", "distinct-2", "distinct-3", "Self-BLEU-4",
+                                   "Zipf coefficient", "repetition %", "mean length"]
+    assert table.loc["Greedy", "mean length"] == 6.0
+    assert all(len(t) == 6 for t in generations["Greedy"]["tokens"])

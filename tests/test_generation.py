@@ -105,6 +105,21 @@ def test_same_seed_same_text_other_seed_other_text(tiny_model, tokenizer):
     assert generate(tiny_model, tokenizer, PROMPTS, params, 20, seed=8).texts != first
 
 
+def test_batching_gives_the_same_greedy_tokens_as_one_prompt_at_a_time(tiny_model, tokenizer):
+    batched = generate(tiny_model, tokenizer, PROMPTS, SamplingParams.greedy(), 16)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(tiny_model, tokenizer, prompt, SamplingParams.greedy(), 16)
+        assert batched.new_tokens[i] == alone.new_tokens[0]
+
+
+def test_fused_top_k_top_p_gives_the_same_tokens(tiny_model, tokenizer):
+    params = SamplingParams(temperature=0.9, top_k=[40, 20, 100], top_p=[0.9, 0.8, 0.95])
+    fused = generate(tiny_model, tokenizer, PROMPTS, params, 24, seed=4, output_scores=True)
+    plain = generate(tiny_model, tokenizer, PROMPTS, params, 24, seed=4, output_scores=True, fused=False)
+    assert torch.equal(fused.sequences, plain.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fused.scores, plain.scores))
+
+
 def test_without_cache_gives_the_same_tokens(tiny_model, tokenizer):
     params = SamplingParams(temperature=0.9, top_p=0.9)
     cached = generate(tiny_model, tokenizer, PROMPTS, params, 12, seed=3)

@@ -21,6 +21,7 @@ from transformers import (
 from gpt2gen.sampling import (
     SamplingParams,
     apply_temperature,
+    fused_top_k_top_p,
     greedy,
     min_p_filter,
     process_logits,
@@ -228,3 +229,23 @@ def test_draws_follow_the_filtered_distribution():
     # The test can fail: the unfiltered distribution is rejected by the same draws.
     unfiltered = torch.softmax(logits.double() / 0.8, dim=-1)
     assert chisquare(counts.numpy(), (unfiltered / unfiltered.sum() * draws).numpy()).pvalue < 1e-6
+
+
+@settings(max_examples=300, deadline=None)
+@given(logit_batches(max_vocab=200), st.integers(1, 60), probabilities, keep_counts)
+def test_fused_top_k_top_p_equals_the_two_filters(logits, top_k, top_p, keep):
+    fused = fused_top_k_top_p(logits, top_k, top_p, keep)
+    reference = top_p_filter(top_k_filter(logits, top_k, keep), top_p, keep)
+    if fused is not None:  # None: ties at the k-th value, where the shortcut steps aside
+        assert same(fused, reference)
+    params = SamplingParams(top_k=top_k, top_p=top_p, min_tokens_to_keep=keep)
+    assert same(process_logits(logits, params, fused=True), process_logits(logits, params, fused=False))
+
+
+def test_fused_path_is_taken_on_real_sized_logits():
+    logits = torch.randn(4, 50257, generator=torch.Generator().manual_seed(0)) * 3
+    fused = fused_top_k_top_p(logits, [50, 10, 200, 1], [0.9, 0.5, 1.0, 0.0])
+    assert fused is not None
+    assert same(fused, top_p_filter(top_k_filter(logits, [50, 10, 200, 1]), [0.9, 0.5, 1.0, 0.0]))
+    assert fused_top_k_top_p(logits, [50, 0, 10, 10], 0.9) is None  # a row without top-k
+    assert fused_top_k_top_p(EXAMPLE, 3, 0.9) is None  # tie at the 3rd value keeps 4 tokens

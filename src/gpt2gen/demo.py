@@ -233,10 +233,6 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
             if event := stops.pop(request.session_hash, None):
                 event.set()
 
-    def stop_and_report(request: gr.Request) -> str:
-        stop_session(request)
-        return f"Stopped. ({loaded.label})"
-
     def run_stream(prompt, method, temperature, top_k, top_p, max_new_tokens, seed, request: gr.Request):
         try:
             checked = make_request(prompt, method, temperature, top_k, top_p, max_new_tokens, seed)
@@ -283,8 +279,9 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
             method.change(_visibility, method, [temperature, top_k, top_p, seed], queue=False)
             inputs = [prompt, method, temperature, top_k, top_p, max_new_tokens, seed]
             started = generate_button.click(stop_session, None, None, queue=False, trigger_mode="multiple")
-            generation = started.then(run_stream, inputs, [output, chart, status], api_name="generate")
-            stop_button.click(stop_and_report, None, status, queue=False, cancels=[generation])
+            started.then(run_stream, inputs, [output, chart, status], api_name="generate")
+            # Stop sets the session's stop event: the stream ends after the current token and reports it.
+            stop_button.click(stop_session, None, None, queue=False)
         with gr.Tab("Compare"):
             with gr.Row():
                 with gr.Column(scale=2):

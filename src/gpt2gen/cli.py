@@ -1,11 +1,8 @@
 """The generation command line: `results/01_text_generation.py`, also installed as `gpt2gen-generate`.
 
-Samples show how a parameter changes text. With --use_temperature, sample i of n gets temperature
-1.2 * i / (n - 1), an even sweep from 0.0 (greedy) upwards (0.0, 0.4, 0.8, 1.2 for 4 samples); with
---use_nucleus it gets top-p i / (n - 1), an even sweep over [0, 1] (0.0, 0.33, 0.67, 1.0 for 4;
-p = 0 keeps only the top token). With both, temperature is applied first, then the nucleus filter.
-A parameter whose flag is off stays neutral (temperature 1.0, top-p 1.0), or takes the value of
---temperature / --top_p, and every sample records its values.
+Samples show how a parameter changes text; the sweeps behind --use_temperature and --use_nucleus
+are defined in `samples.py`. A parameter whose flag is off stays neutral (temperature 1.0, top-p
+1.0), or takes the value of --temperature / --top_p, and every sample records its values.
 """
 
 from __future__ import annotations
@@ -22,9 +19,9 @@ import torch
 
 from .files import check_writable, write_json_atomic
 from .loading import DEFAULT_MODEL, MODEL_ENV_VAR, LoadedModel, ModelLoadError, load_model
-from .sampling import SamplingParams, check_probability, check_temperature, check_top_k
+from .sampling import check_probability, check_temperature, check_top_k
+from .samples import generate_texts, sample_settings, stream_pieces
 
-TEMPERATURE_SWEEP_MAX = 1.2
 SEED_ENV_VAR = "GPT2GEN_CLI_SEED"  # hands the chosen seed to the worker processes of a multi-device run
 
 
@@ -114,21 +111,6 @@ def parse_devices(text: str, gpu_count: int | None = None) -> DeviceRequest:
     return DeviceRequest("ids", count=len(ids), ids=ids)
 
 
-def sweep(num_samples: int, top: float) -> list[float]:
-    """An even sweep of `num_samples` values from 0 to `top`, rounded to 2 decimals."""
-    if num_samples == 1:
-        return [0.0]
-    return [round(top * i / (num_samples - 1), 2) for i in range(num_samples)]
-
-
-def sample_settings(args: argparse.Namespace) -> list[dict[str, float]]:
-    """Each sample's `nucleus` (top-p) and `temperature`, as recorded in the output."""
-    n = args.num_samples
-    temperatures = sweep(n, TEMPERATURE_SWEEP_MAX) if args.use_temperature else [args.temperature] * n
-    nuclei = sweep(n, 1.0) if args.use_nucleus else [args.top_p] * n
-    return [{"nucleus": p, "temperature": t} for p, t in zip(nuclei, temperatures)]
-
-
 def validate(args: argparse.Namespace) -> None:
     """Check every option value before anything is loaded or generated."""
     if args.num_samples < 1:
@@ -169,42 +151,19 @@ def max_new_tokens_for(loaded: LoadedModel, prompt: str | None, max_length: int)
     return max_length - prompt_length, prompt_length
 
 
-def params_for(settings: list[dict[str, float]], top_k: int) -> SamplingParams:
-    """One batch's per-row sampling parameters."""
-    return SamplingParams(
-        temperature=[s["temperature"] for s in settings], top_k=top_k, top_p=[s["nucleus"] for s in settings]
-    )
-
-
-def generate_texts(
-    loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int, max_new_tokens: int,
-    seed: int, progress: bool = True,
-) -> list[str]:
-    """All samples as one batch with per-row parameters; each text includes the prompt."""
-    from .generation import generate
-
-    result = generate(
-        loaded.model, loaded.tokenizer, [prompt or ""] * len(settings), params_for(settings, top_k),
-        max_new_tokens=max_new_tokens, seed=seed, progress=progress,
-    )
-    return [(prompt or "") + text for text in result.texts]
-
-
 def stream_texts(
     loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int, max_new_tokens: int,
     seed: int,
 ) -> list[str]:
     """Samples one after another, each printed token by token; sample i uses seed + i."""
-    from .generation import stream
-
     texts = []
     for i, setting in enumerate(settings):
         print(header(i, len(settings), setting), flush=True)
         print(prompt or "", end="", flush=True)
         pieces = []
-        for chunk in stream(loaded.model, loaded.tokenizer, prompt, params_for([setting], top_k), max_new_tokens, seed + i):
-            print(chunk.text, end="", flush=True)
-            pieces.append(chunk.text)
+        for piece in stream_pieces(loaded, prompt, setting, top_k, max_new_tokens, seed + i):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
         print("\n", flush=True)
         texts.append((prompt or "") + "".join(pieces))
     return texts
@@ -236,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from exc
     max_new_tokens, prompt_length = max_new_tokens_for(loaded, args.prompt, args.max_length)
-    settings = sample_settings(args)
+    settings = sample_settings(args.num_samples, args.use_temperature, args.use_nucleus, args.temperature, args.top_p)
     started = time.perf_counter()
     if multi:
         from .multidevice import generate_on_devices

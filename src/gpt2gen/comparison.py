@@ -21,7 +21,7 @@ import pandas as pd
 
 from . import metrics
 from .beam import beam_search
-from .embedded import cache_root
+from .files import cache_root
 from .generation import generate
 from .loading import LoadedModel
 from .sampling import SamplingParams

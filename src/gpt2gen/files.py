@@ -1,4 +1,4 @@
-"""Writing result files safely: checked before the work starts, replaced atomically at the end."""
+"""Files: result files checked before the work starts and replaced atomically at the end; the cache folder."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def cache_root() -> Path:
+    """Folder for gpt2gen's caches: $GPT2GEN_CACHE, else $XDG_CACHE_HOME/gpt2gen, else ~/.cache/gpt2gen."""
+    if env := os.environ.get("GPT2GEN_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gpt2gen"
 
 
 def check_writable(path: str | os.PathLike) -> Path:

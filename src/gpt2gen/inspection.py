@@ -19,6 +19,11 @@ class TokenInfo:
     text: str
 
 
+def token_label(text: str) -> str:
+    """A token's text made visible on an axis: spaces as '␣', newlines as '\\n'."""
+    return repr(text)[1:-1].replace(" ", "␣") or "''"
+
+
 def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[TokenInfo]:
     """Split `text` into tokens, showing the vocabulary piece and the text each stands for."""
     ids = tokenizer(text, add_special_tokens=False).input_ids

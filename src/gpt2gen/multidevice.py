@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .loading import LoadedModel
+from .samples import generate_texts
 
 
 class _SampleGenerator(L.LightningModule):
@@ -32,8 +33,6 @@ class _SampleGenerator(L.LightningModule):
         self.gathered: list[tuple[int, str]] = []
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[tuple[int, str]]:
-        from .cli import generate_texts
-
         indices = batch.tolist()
         # Each rank draws from its own stream, so identical settings on two ranks give different samples.
         texts = generate_texts(self.loaded, self.prompt, [self.settings[i] for i in indices], self.top_k,

@@ -9,13 +9,10 @@ import torch
 from matplotlib.axes import Axes
 from transformers import PreTrainedTokenizerBase
 
+from .inspection import token_label
+
 KEPT_COLOR = "tab:blue"
 CUT_COLOR = "lightgray"
-
-
-def token_label(text: str) -> str:
-    """A token's text made visible on an axis: spaces as '␣', newlines as '\\n'."""
-    return repr(text)[1:-1].replace(" ", "␣") or "''"
 
 
 def plot_token_bars(

@@ -406,6 +406,29 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+class _QuitOnInterrupt:
+    """While the libraries load, Ctrl-C ends the process at once with one line.
+
+    A KeyboardInterrupt raised inside an import can leave a library half-imported, and the
+    library's own error handling then turns it into a misleading ImportError with a traceback;
+    there is nothing to clean up yet, so exiting is right.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGINT, self._quit)
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _quit(self, signum, frame) -> None:
+        if not _is_worker():
+            os.write(2, f"{self.prog}: interrupted\n".encode())
+        os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input, 1 for a file that cannot be written, 130 for Ctrl-C)."""
     worker = _is_worker()
@@ -416,8 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "gpt2gen-generate"
     output_json = None
     try:
-        parser = build_parser(prog)
-        args = parser.parse_args(argv)
+        with _QuitOnInterrupt(prog):
+            from . import loading, samples  # noqa: F401  (torch and transformers: seconds)
+
+            parser = build_parser(prog)
+            args = parser.parse_args(argv)
+            if args.devices.strip() not in ("auto", "1") and not args.stream:
+                from . import multidevice  # noqa: F401  (Lightning)
         output_json = args.output_json
         run(args)
     except UsageError as exc:

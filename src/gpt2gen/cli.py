@@ -19,8 +19,8 @@ import torch
 
 from .files import check_writable, write_json_atomic
 from .loading import DEFAULT_MODEL, MODEL_ENV_VAR, LoadedModel, ModelLoadError, load_model
-from .sampling import check_probability, check_temperature, check_top_k
 from .samples import generate_texts, sample_settings, stream_pieces
+from .sampling import check_probability, check_temperature, check_top_k
 
 SEED_ENV_VAR = "GPT2GEN_CLI_SEED"  # hands the chosen seed to the worker processes of a multi-device run
 

@@ -175,12 +175,12 @@ def fused_filter(b: Bench) -> dict:
     with_shortcut = b.ours_fn(prompt, settings)
 
     def without_shortcut():
-        original = sampling.fused_top_k_top_p
-        sampling.fused_top_k_top_p = lambda *args: None
+        original = sampling._fused  # the pipeline's call of the shortcut; None means "does not apply"
+        sampling._fused = lambda *args: None
         try:
             return with_shortcut()
         finally:
-            sampling.fused_top_k_top_p = original
+            sampling._fused = original
 
     fused, full = b.side_by_side(with_shortcut, without_shortcut)
     logits = apply_temperature(torch.randn(1, 50257, generator=torch.Generator().manual_seed(0)) * 3, 0.8)

@@ -30,7 +30,7 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(PY) results/02_interactive_demo.py $(ARGS)
 
-# The speed benchmark suite; not part of the tests (README.md says how long it runs).
+# The speed benchmark suite; not part of the tests (README.md's speed table says how long it ran).
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py $(ARGS)
 

@@ -13,9 +13,10 @@ The convention (also in the README, under "Map"):
   `PATH#a.b` (a subtree by keys); its values and keys are the source. One marker may name several
   sources, separated by spaces; a number may come from any of them. Paths are relative to the
   repository root.
-- A marker covers the text after it up to the next blank line, list item or marker: put it on the
-  line before a paragraph or a table, or at the start of a list item (`- <!-- figures: ... -->`).
-  Keep the covered block tight: every number in it is checked.
+- A marker covers the text after it up to the next blank line, list item or marker, or up to an
+  end marker `<!-- /figures -->`: put it on the line before a paragraph or a table, at the start
+  of a list item (`- <!-- figures: ... -->`), or around the sentence that quotes. Keep the covered
+  block tight: every number in it is checked.
 - A number is every decimal in the block, except those in inline code or link targets and those
   that belong to a name (`GPT-2`, `float32`, `Self-BLEU-4`, `135M`). A number written with d
   decimals must equal some number of the source rounded to d decimals (a tie may round either
@@ -46,6 +47,7 @@ QUOTED = re.compile(
     r"(?<![\w.])(?<![A-Za-z]-)(?P<number>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)"
     r"(?:(?P<x>[x×])(?!\w)|(?!\w)(?P<unit>\s?(?:%|ms\b|MB\b))?)"
 )
+END_MARKER = re.compile(r"<!--\s*/figures\s*-->")
 BLOCK_END = re.compile(r"\n[ \t]*\n|\n[ \t]*(?:[-*+]|\d+\.)[ \t]")  # a blank line or the next list item
 SOURCE_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 UNIT_SCALES = {"%": (1, 100), "ms": (1, 1000), "MB": (1, 1000)}
@@ -108,7 +110,8 @@ def quotes(markdown: str) -> list[Quote]:
             start = plain.index("\n", start) + 1
         first_line_end = plain.find("\n", start)
         first_line_end = len(plain) if first_line_end < 0 else first_line_end
-        ends = [m.start() for m in (BLOCK_END.search(plain, first_line_end), MARKER.search(plain, marker.end())) if m]
+        ends = [m.start() for m in (BLOCK_END.search(plain, first_line_end), MARKER.search(plain, marker.end()),
+                                    END_MARKER.search(plain, marker.end())) if m]
         block_end = min(ends, default=len(plain))
         sources = tuple(marker["sources"].split())
         for match in QUOTED.finditer(plain, start, block_end):
@@ -172,6 +175,8 @@ Section 8 and 1999 are not covered here: no marker.
 
 - <!-- figures: bench.json#speed --> The filter is 2.7x faster, 40% of the ceiling, 147 ms to the first token.
 - Not covered: 3.4x.
+
+<!-- figures: nb.ipynb#table -->Perplexity 20.7 here<!-- /figures -->, but 3.4 after the end marker.
 """
 
 
@@ -179,7 +184,7 @@ def test_a_current_note_passes(tmp_path):
     _notebook(tmp_path / "nb.ipynb", "model X: 16 prompts, p=0.9\nperplexity 20.67, tokens 1,234\n")
     (tmp_path / "bench.json").write_text(json.dumps({"speed": {"x": 2.6559, "share": 0.3997, "first s": 0.1469}}))
     assert unbacked(NOTE, tmp_path) == []
-    assert [q.number for q in quotes(NOTE)] == ["20.7", "16", "0.9", "1,234", "2.7", "40", "147"]
+    assert [q.number for q in quotes(NOTE)] == ["20.7", "16", "0.9", "1,234", "2.7", "40", "147", "20.7"]
 
 
 def test_a_stale_figure_fails(tmp_path):
@@ -187,9 +192,10 @@ def test_a_stale_figure_fails(tmp_path):
     _notebook(tmp_path / "nb.ipynb", "model X: 16 prompts, p=0.9\nperplexity 22.14, tokens 1,234\n")
     (tmp_path / "bench.json").write_text(json.dumps({"speed": {"x": 3.41, "share": 0.3997, "first s": 0.1469}}))
     problems = unbacked(NOTE, tmp_path)
-    assert len(problems) == 2
+    assert len(problems) == 3
     assert problems[0].startswith("line 4: 20.7 is not in nb.ipynb#table")
     assert problems[1].startswith("line 8: 2.7x is not in bench.json#speed")
+    assert problems[2].startswith("line 11: 20.7 is not in nb.ipynb#table")  # 3.4 after the end marker is not checked
 
 
 def test_rounding_follows_the_quoted_precision(tmp_path):

@@ -82,6 +82,16 @@ def test_bootstrap_interval_of_a_mean_matches_the_normal_theory():
         metrics.bootstrap_interval(values, mean, confidence=95)
 
 
+def test_jackknife_interval_of_a_mean_is_the_normal_interval():
+    values = [1.0, 4.0, 2.0, 8.0, 5.0]
+    mean = sum(values) / 5
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
+    low, high = metrics.jackknife_interval(values, lambda xs: sum(xs) / len(xs))
+    assert (low, high) == (pytest.approx(mean - 1.959964 * sd / math.sqrt(5)), pytest.approx(mean + 1.959964 * sd / math.sqrt(5)))
+    with pytest.raises(ValueError, match="at least two"):
+        metrics.jackknife_interval([1.0], lambda xs: xs[0])
+
+
 def test_proportion_interval_by_hand():
     # Wilson score interval, z = 1.96: 0 of 16 gives [0, z^2 / (16 + z^2)] = [0, 0.194].
     assert metrics.proportion_interval(0, 16) == (0.0, pytest.approx(1.96**2 / (16 + 1.96**2), rel=1e-3))
@@ -163,9 +173,18 @@ def test_study_table_has_every_method_and_metric(tiny_model_dir, monkeypatch, tm
     monkeypatch.setenv("GPT2GEN_CACHE", str(tmp_path))
     loaded = load_model(str(tiny_model_dir), device="cpu")
     methods = [comparison.Method("Greedy", SamplingParams.greedy()), comparison.Method("Beam", num_beams=2)]
-    table, generations = comparison.run_study(loaded, comparison.load_prompts(size=3), methods, max_new_tokens=6)
+    study = comparison.run_study(loaded, comparison.load_prompts(size=3), methods, max_new_tokens=6)
+    table, generations = study.table, study.generations
     assert list(table.index) == ["Greedy", "Beam"]
     assert list(table.columns) == ["perplexity", "distinct-1", "distinct-2", "distinct-3", "Self-BLEU-4",
-                                   "Zipf coefficient", "repetition %", "mean length"]
+                                   "Zipf coefficient", "repetition %", "mean length", "loops"]
     assert table.loc["Greedy", "mean length"] == 6.0
     assert all(len(t) == 6 for t in generations["Greedy"]["tokens"])
+    assert list(study.low.columns) == list(study.high.columns) == list(table.columns)[:-1]
+    assert (study.low <= table[study.low.columns]).all().all() and (table[study.high.columns] <= study.high).all().all()
+    perplexity = metrics.perplexity(loaded.model, loaded.tokenizer, comparison.load_prompts(size=3)["prompt"],
+                                    generations["Greedy"]["tokens"])
+    assert table.loc["Greedy", "perplexity"] == pytest.approx(perplexity)
+    shown = study.with_intervals({"perplexity": 1})
+    assert shown.loc["Greedy", "loops"] == f"{int(table.loc['Greedy', 'loops'])}/3"
+    assert shown.loc["Greedy", "perplexity"].startswith(f"{table.loc['Greedy', 'perplexity']:.1f} [")

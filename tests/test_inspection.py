@@ -1,4 +1,4 @@
-"""Per-step statistics count only the steps where a row was still generating."""
+"""Looking inside: per-step statistics over real steps only, token probabilities read back, architectures side by side."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
+from transformers import GPT2Config, LlamaConfig
 
 from gpt2gen.generation import decode_steps, encode_prompts, generate
-from gpt2gen.inspection import entropy_bits, kept_counts, live_steps, step_statistics
+from gpt2gen.inspection import architecture, entropy_bits, kept_counts, live_steps, step_statistics, token_probabilities
 from gpt2gen.sampling import SamplingParams
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
@@ -67,3 +68,23 @@ def test_statistics_need_scores(tiny_model, tokenizer):
     result = generate(tiny_model, tokenizer, PROMPTS, PARAMS, 3, seed=1)
     with pytest.raises(ValueError, match="output_scores=True"):
         step_statistics(result)
+
+
+def test_token_probabilities_match_the_generation_steps(tiny_model, tokenizer):
+    """Read back in one forward pass, each generated token has the probability its step gave it."""
+    result = generate(tiny_model, tokenizer, PROMPTS[0], SamplingParams(), 8, seed=3, output_scores=True)
+    probs = token_probabilities(tiny_model, result.sequences)[result.prompt_length - 1 :]
+    at_steps = [float(torch.softmax(logits[0], -1)[token]) for logits, token in zip(result.logits, result.new_tokens[0])]
+    assert probs.tolist() == pytest.approx(at_steps, rel=1e-4)
+
+
+def test_architecture_reads_gpt2_and_llama_configs_alike():
+    gpt2 = architecture(GPT2Config())
+    assert (gpt2["vocabulary (tokens)"], gpt2["context (tokens)"], gpt2["layers"], gpt2["width d"]) == (50257, 1024, 12, 768)
+    assert gpt2["key/value heads"] == gpt2["query heads"] == 12 and gpt2["MLP width"] == 3072
+    assert gpt2["KV cache per token, float32 (KiB)"] == 2 * 12 * 768 * 4 / 1024
+    llama = architecture(LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
+                                     num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256))
+    assert (llama["layers"], llama["query heads"], llama["key/value heads"], llama["head dimension"]) == (3, 8, 2, 8)
+    assert llama["position information"].startswith("rotary") and llama["normalisation"] == "RMSNorm"
+    assert llama["KV cache per token, float32 (KiB)"] == 2 * 3 * 2 * 8 * 4 / 1024

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .generation import GenerationResult, encode_prompts
 
@@ -99,3 +99,41 @@ def step_statistics(result: GenerationResult) -> StepStatistics:
     live_here = live.to(kept.device)
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=kept.device)
     return StepStatistics(live=live, kept=torch.where(live_here, kept, nan), entropy=torch.where(live_here, entropy, nan))
+
+
+def token_probabilities(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """The probability the model gives each token of `input_ids` (`[1, T]`) after the tokens before it: `[T - 1]`."""
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids.to(model.device)).logits[0, :-1].float()
+    return torch.softmax(logits, dim=-1).gather(-1, input_ids[0, 1:, None].to(logits.device))[:, 0]
+
+
+def architecture(config: PretrainedConfig) -> dict[str, object]:
+    """The facts of a GPT-2 or Llama-style configuration that matter for decoding, under common names."""
+
+    def field(*names: str, default: object = None) -> object:
+        return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
+
+    gpt2 = config.model_type == "gpt2"
+    width, layers = field("n_embd", "hidden_size"), field("n_layer", "num_hidden_layers")
+    heads = field("n_head", "num_attention_heads")
+    kv_heads = field("num_key_value_heads", default=heads)
+    head_dim = field("head_dim", default=width // heads)
+    rope = field("rope_parameters", default={}) or {}
+    return {
+        "architecture": config.model_type,
+        "vocabulary (tokens)": config.vocab_size,
+        "context (tokens)": field("n_positions", "max_position_embeddings"),
+        "position information": "learned table, one vector per position" if gpt2
+        else f"rotary (RoPE, theta {rope.get('rope_theta', field('rope_theta', default='?')):g})",
+        "layers": layers,
+        "width d": width,
+        "query heads": heads,
+        "key/value heads": kv_heads,
+        "head dimension": head_dim,
+        "MLP width": field("n_inner", "intermediate_size", default=4 * width),
+        "MLP": "GELU, 2 matrices" if gpt2 else f"gated {field('hidden_act')}, 3 matrices",
+        "normalisation": "LayerNorm" if gpt2 else "RMSNorm",
+        "LM head tied to embeddings": bool(field("tie_word_embeddings", default=False)),
+        "KV cache per token, float32 (KiB)": 2 * layers * kv_heads * head_dim * 4 / 1024,
+    }

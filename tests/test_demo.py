@@ -156,13 +156,24 @@ def test_two_concurrent_clients_get_independent_complete_results(served, tiny):
         assert text == prompt + generate(tiny.model, tiny.tokenizer, prompt, params, n, seed=seed).texts[0]
 
 
+def shows_kept_and_cut(chart) -> bool:
+    """Several kept bars beside cut ones, the tallest cut bar at least a tenth of the top one (visible)."""
+    cut = chart.loc[chart["status"] == "cut", "probability"]
+    return (chart["status"] == "kept").sum() >= 2 and len(cut) > 0 and cut.max() >= 0.1 * chart["probability"].max()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs it as root: apt-get install chromium)")
 def test_real_browser_streams_charts_and_stops(tmp_path):
     """Chromium, driven by Playwright, uses the demo as a person would, on the embedded (real) model."""
     from playwright.sync_api import expect, sync_playwright
 
+    loaded = load_model("embedded", device="cpu")
+    request = make_request(prompt=PROMPT, method="Top-p", temperature=1.0, top_p=0.5, max_new_tokens=80, seed=0)
+    updates = stream_updates(loaded, request)
+    step = next(n for n, update in enumerate(updates, start=1) if n >= 8 and shows_kept_and_cut(update.chart))
+    updates.close()
     port = free_port()
-    app = launch(load_model("embedded", device="cpu"), port=port, prevent_thread_lock=True)
+    app = launch(loaded, port=port, prevent_thread_lock=True)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS[1:], headless=True)
@@ -175,6 +186,7 @@ def test_real_browser_streams_charts_and_stops(tmp_path):
             page.locator("#method").get_by_text("Top-p").click()
             expect(page.get_by_label("k (top-k)").first).to_be_hidden()
             page.get_by_label("Max new tokens").first.fill("200")
+            page.get_by_label("p (top-p)").first.fill("0.5")  # as in `request` above
             page.locator("#generate").click()
             # Streamed text appears after the prompt, then grows.
             output = page.locator("#output textarea")
@@ -191,9 +203,6 @@ def test_real_browser_streams_charts_and_stops(tmp_path):
             bars = page.locator('#chart path[aria-roledescription="bar"][fill]')
             expect(bars).to_have_count(12, timeout=30_000)
             expect(page.locator('#chart path[aria-label*="status: kept"]').first).to_be_attached()
-            page.screenshot(path=str(tmp_path / "demo.png"))
-            if target := os.environ.get("GPT2GEN_SCREENSHOT"):
-                shutil.copy(tmp_path / "demo.png", target)
             page.locator("#stop").click()
             expect(page.locator("#status")).to_contain_text("Stopped", timeout=10_000)
             time.sleep(1.0)
@@ -201,6 +210,16 @@ def test_real_browser_streams_charts_and_stops(tmp_path):
             time.sleep(2.0)
             assert output.input_value() == stopped, "text kept growing after Stop"
             assert len(stopped) < len(PROMPT) + 200 * 12, "generation ran to the end instead of stopping"
+            # The screenshot: a generation that ends on a step where top-p keeps some tokens and cuts others
+            # with visible bars, so the chart (and its legend) shows both; the step is found in-process first.
+            page.get_by_label("Max new tokens").first.fill(str(step))
+            page.locator("#generate").click()
+            expect(page.locator("#status")).to_contain_text(f"Done: {step} token", timeout=60_000)
+            expect(page.locator('#chart path[aria-label*="status: cut"]').first).to_be_attached()
+            expect(page.locator('#chart path[aria-label*="status: kept"]').first).to_be_attached()
+            page.screenshot(path=str(tmp_path / "demo.png"))
+            if target := os.environ.get("GPT2GEN_SCREENSHOT"):
+                shutil.copy(tmp_path / "demo.png", target)
             browser.close()
     finally:
         app.close()

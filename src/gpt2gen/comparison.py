@@ -49,13 +49,18 @@ class Method:
         return f"beam search, {self.num_beams} beams" if self.num_beams else repr(self.params)
 
 
+# The paper's own settings wherever a row stands beside one of its rows (Table 1): sampling at t = 0.9,
+# top-k 40, top-k 640, top-k 40 at t = 0.7, nucleus p = 0.95. Beam search is the exception: 4 beams, not
+# the paper's 16 (16 beams run 16 rows per prompt, more than all the other methods together).
 DEFAULT_METHODS = (
     Method("Greedy", SamplingParams.greedy()),
     Method("Beam search, b=4", num_beams=4),
     Method("Pure sampling", SamplingParams()),
-    Method("Temperature 0.7", SamplingParams(temperature=0.7)),
+    Method("Temperature, t=0.9", SamplingParams(temperature=0.9)),
+    Method("Temperature, t=0.7", SamplingParams(temperature=0.7)),
     Method("Top-k, k=40", SamplingParams(top_k=40)),
     Method("Top-k, k=640", SamplingParams(top_k=640)),
+    Method("Top-k, k=40, t=0.7", SamplingParams(temperature=0.7, top_k=40)),
     Method("Top-p, p=0.9", SamplingParams(top_p=0.9)),
     Method("Top-p, p=0.95", SamplingParams(top_p=0.95)),
     Method("Min-p, 0.1", SamplingParams(min_p=0.1)),
@@ -158,43 +163,102 @@ def human_tokens(loaded: LoadedModel, prompts: datasets.Dataset, max_new_tokens:
     return [loaded.tokenizer(text, add_special_tokens=False).input_ids[:max_new_tokens] for text in prompts["human"]]
 
 
-def metrics_row(loaded: LoadedModel, prompts: Sequence[str], token_lists: Sequence[Sequence[int]]) -> dict:
-    """Every metric of one method's generations."""
-    return {
-        "perplexity": metrics.perplexity(loaded.model, loaded.tokenizer, prompts, token_lists),
-        "distinct-1": metrics.distinct_n(token_lists, 1),
-        "distinct-2": metrics.distinct_n(token_lists, 2),
-        "distinct-3": metrics.distinct_n(token_lists, 3),
-        "Self-BLEU-4": metrics.self_bleu(token_lists),
-        "Zipf coefficient": metrics.zipf_coefficient(token_lists),
-        "repetition %": 100 * metrics.repetition_rate(token_lists),
-        "mean length": metrics.mean_length(token_lists),
-    }
+METRICS = ("perplexity", "distinct-1", "distinct-2", "distinct-3", "Self-BLEU-4", "Zipf coefficient", "repetition %",
+           "mean length")
+
+
+@dataclass(frozen=True)
+class Study:
+    """The study's results: one row per method, each metric with the bounds of its confidence interval."""
+
+    table: pd.DataFrame  # the metrics (columns METRICS) and "loops", the number of generations ending in a loop
+    low: pd.DataFrame  # lower bound of each metric's interval
+    high: pd.DataFrame  # upper bound
+    generations: dict[str, datasets.Dataset]
+    confidence: float
+
+    def with_intervals(self, decimals: dict[str, int]) -> pd.DataFrame:
+        """Each metric as "value [low, high]" with the given decimals, and loops as "k/n"."""
+        size = len(next(iter(self.generations.values()))) if self.generations else 0
+        shown = pd.DataFrame(index=self.table.index)
+        for column, places in decimals.items():
+            shown[column] = [f"{v:.{places}f} [{lo:.{places}f}, {hi:.{places}f}]" for v, lo, hi in
+                             zip(self.table[column], self.low[column], self.high[column])]
+        shown["loops"] = [f"{int(k)}/{size}" for k in self.table["loops"]]
+        return shown
+
+
+def measure(loaded: LoadedModel, prompts: Sequence[str], token_lists: Sequence[Sequence[int]],
+            confidence: float = 0.95) -> tuple[dict, dict, dict]:
+    """Every metric of one method's generations, with the low and high ends of its confidence interval.
+
+    The intervals are percentile bootstraps over the generations (`metrics.bootstrap_interval`),
+    except two: the Zipf coefficient gets a jackknife interval (a resample that repeats generations
+    doubles their tokens' counts and steepens the curve), and repetition a Wilson interval (its
+    bootstrap collapses to [0, 0] when no generation loops).
+    """
+    token_lists = [list(t) for t in token_lists]
+    ppl_terms = metrics.perplexity_terms(loaded.model, loaded.tokenizer, prompts, token_lists)
+    bleu = metrics.self_bleu_scores(token_lists)
+    loops = sum(metrics.repeating_loop(t) is not None for t in token_lists)
+    value, low, high = {}, {}, {}
+
+    def add(name: str, point: float, items: Sequence, statistic) -> None:
+        value[name] = point
+        low[name], high[name] = metrics.bootstrap_interval(items, statistic, confidence)
+
+    ratio = lambda terms: sum(t[0] for t in terms) / sum(t[1] for t in terms)  # noqa: E731
+    add("perplexity", metrics.perplexity_of(ppl_terms), ppl_terms, metrics.perplexity_of)
+    for n in (1, 2, 3):
+        add(f"distinct-{n}", metrics.distinct_n(token_lists, n), metrics.distinct_n_terms(token_lists, n), ratio)
+    add("Self-BLEU-4", float(sum(bleu) / len(bleu)), bleu, lambda xs: sum(xs) / len(xs))
+    value["Zipf coefficient"] = metrics.zipf_coefficient(token_lists)
+    low["Zipf coefficient"], high["Zipf coefficient"] = metrics.jackknife_interval(token_lists, _zipf_or_nan, confidence)
+    value["repetition %"] = 100 * loops / len(token_lists)
+    low["repetition %"], high["repetition %"] = (100 * b for b in metrics.proportion_interval(loops, len(token_lists), confidence))
+    add("mean length", metrics.mean_length(token_lists), token_lists, metrics.mean_length)
+    value["loops"] = loops
+    return value, low, high
+
+
+def _zipf_or_nan(token_lists: Sequence[Sequence[int]]) -> float:
+    """The Zipf coefficient, or NaN for a resample with a single distinct token (no slope to fit)."""
+    try:
+        return metrics.zipf_coefficient(token_lists)
+    except ValueError:
+        return float("nan")
 
 
 def run_study(loaded: LoadedModel, prompts: datasets.Dataset, methods: Sequence[Method] = DEFAULT_METHODS,
-              max_new_tokens: int = 64, seed: int = 0) -> tuple[pd.DataFrame, dict[str, datasets.Dataset]]:
-    """Generate with every method and measure; returns the metrics table and each method's generations."""
+              max_new_tokens: int = 64, seed: int = 0, confidence: float = 0.95) -> Study:
+    """Generate with every method and measure, with `confidence` intervals on every metric."""
     generations = {m.name: generate_for(loaded, prompts, m, max_new_tokens, seed) for m in methods}
-    rows = {name: metrics_row(loaded, prompts["prompt"], data["tokens"]) for name, data in generations.items()}
+    token_lists = {name: data["tokens"] for name, data in generations.items()}
     if prompts[0]["human"] is not None:
-        rows[HUMAN] = metrics_row(loaded, prompts["prompt"], human_tokens(loaded, prompts, max_new_tokens))
-    table = pd.DataFrame(rows).T
-    table.index.name = "method"
-    return table, generations
+        token_lists[HUMAN] = human_tokens(loaded, prompts, max_new_tokens)
+    rows = {name: measure(loaded, prompts["prompt"], tokens, confidence) for name, tokens in token_lists.items()}
+    frames = []
+    for part in range(3):
+        frame = pd.DataFrame({name: row[part] for name, row in rows.items()}).T.reindex(columns=[*METRICS, "loops"])
+        frame.index.name = "method"
+        frames.append(frame if part == 0 else frame[list(METRICS)])
+    return Study(frames[0], frames[1], frames[2], generations, confidence)
 
 
-# Our method -> the paper's closest row (settings differ where the names differ).
+# Our method -> the paper's row with the same settings (its GPT-2 Large, 762M parameters, on WebText).
 PAPER_COUNTERPARTS = {
     HUMAN: "Human",
     "Greedy": "Greedy",
     "Beam search, b=4": "Beam, b=16",
     "Pure sampling": "Pure Sampling",
-    "Temperature 0.7": "Sampling, t=0.9",
+    "Temperature, t=0.9": "Sampling, t=0.9",
     "Top-k, k=40": "Top-k=40",
     "Top-k, k=640": "Top-k=640",
+    "Top-k, k=40, t=0.7": "Top-k=40, t=0.7",
     "Top-p, p=0.95": "Nucleus p=0.95",
 }
+# The paper's human row is WebText's own text scored by GPT-2 Large: another model and other data, not a target.
+PAPER_HUMAN_LABEL = "Human (WebText, scored by GPT-2 Large)"
 
 
 def paper_table() -> pd.DataFrame:
@@ -210,7 +274,7 @@ def side_by_side(table: pd.DataFrame, columns: Sequence[str] = ("perplexity", "S
     rows = []
     for ours, theirs in PAPER_COUNTERPARTS.items():
         row = {"method (here)": ours if ours in table.index else f"{ours} (not measured here)",
-               "method (paper)": theirs}
+               "method (paper)": PAPER_HUMAN_LABEL if theirs == "Human" else theirs}
         for column in columns:
             row[f"{column} here"] = table.loc[ours, column] if ours in table.index else float("nan")
             row[f"{column} paper"] = paper.loc[theirs, column]

@@ -288,7 +288,8 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                     status = gr.Markdown(elem_id="status")
                     chart = gr.BarPlot(
                         None, x="token", y="probability", color="status", sort="-y",
-                        color_map={"kept": "#1f77b4", "cut": "#c7c7c7"}, x_label_angle=-40, height=370,
+                        color_map={"kept": "#1f77b4", "cut": "#9e9e9e"}, colors_in_legend=["kept", "cut"],
+                        color_title="by the method", x_label_angle=-40, height=370,
                         label="Current step: most probable next tokens (kept or cut by the method)",
                         elem_id="chart",
                     )
@@ -316,13 +317,16 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
     return app
 
 
+CSS = "#chart { overflow: visible !important; margin-bottom: 48px; }"  # the legend sits below the chart's box
+
+
 def launch(loaded: LoadedModel | None = None, host: str = "127.0.0.1", port: int | None = None,
            prevent_thread_lock: bool = False, concurrency: int = 2) -> gr.Blocks:
     """Serve the app on loopback (sharing off) with a request queue; returns it (call `.close()` to stop)."""
     app = build_app(loaded or get_model())
     app.queue(default_concurrency_limit=concurrency, max_size=32)
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
-               prevent_thread_lock=prevent_thread_lock, quiet=True)
+               prevent_thread_lock=prevent_thread_lock, quiet=True, css=CSS)
     return app
 
 

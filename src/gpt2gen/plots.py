@@ -170,3 +170,99 @@ def plot_method_bars(values, ylabel: str, title: str = ""):
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_sample_counts(
+    labels: Sequence[str], probabilities: dict[str, Sequence[float]], counts: dict[str, Sequence[int]], title: str = ""
+):
+    """Observed share of n draws (bars, with a 95% interval) against the probability each draw had (dots).
+
+    `probabilities` and `counts` hold one entry per setting (e.g. per temperature), one value per label.
+    """
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / len(counts)
+    for n, (name, observed) in enumerate(counts.items()):
+        total = sum(observed)
+        share = torch.tensor(observed, dtype=torch.float64) / total
+        expected = torch.tensor(list(probabilities[name]), dtype=torch.float64)
+        interval = 1.96 * (expected * (1 - expected) / total).sqrt()  # binomial standard error of a share
+        xs = [i + n * width for i in range(len(labels))]
+        bars = ax.bar(xs, share.tolist(), width, label=f"{name}: share of {total:,} draws", alpha=0.8)
+        ax.errorbar(xs, expected.tolist(), yerr=interval.tolist(), fmt="o", color="black", markersize=3,
+                    capsize=2, elinewidth=1, label="probability (±95% range of the share)" if n == 0 else None)
+        bars.set_color(bars.patches[0].get_facecolor())
+    ax.set_xticks([i + width * (len(counts) - 1) / 2 for i in range(len(labels))], labels)
+    ax.set_ylabel("share of draws")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_repetition_trap(per_token: torch.Tensor, phrase_labels: Sequence[str], title: str = ""):
+    """Probability of each token of a phrase (one line per token) and of the whole phrase, per repetition.
+
+    `per_token` is `[repetitions, phrase tokens]`: row r holds the probability of each token of the
+    phrase in its (r+1)-th occurrence, given all the text before it.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    reps = range(1, per_token.shape[0] + 1)
+    for j, label in enumerate(phrase_labels):
+        left.plot(reps, per_token[:, j].tolist(), marker=".", linewidth=1, label=label)
+    left.set_xlabel("repetition of the phrase")
+    left.set_ylabel("probability of the token")
+    left.set_ylim(0, 1.02)
+    left.legend(fontsize=7, ncol=2)
+    whole = per_token.double().log().sum(-1).exp()
+    right.plot(reps, whole.tolist(), marker="o", color="tab:red")
+    right.set_yscale("log")
+    right.set_xlabel("repetition of the phrase")
+    right.set_ylabel("probability of the whole phrase (log scale)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_search_tree(
+    tree: dict[tuple[str, ...], dict[str, float]], paths: dict[str, tuple[str, ...]], title: str = ""
+):
+    """A small tree of next-word probabilities, with named paths through it highlighted.
+
+    `tree` maps a prefix (tuple of words, () for the start) to its next words and their probabilities;
+    `paths` maps a name (e.g. "greedy") to the words it chose.
+    """
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    depth = max(len(prefix) for prefix in tree) + 1
+    leaves = [prefix + (w,) for prefix, options in tree.items() for w in options if prefix + (w,) not in tree]
+    leaves.sort(key=lambda node: [list(tree[node[:i]]).index(node[i]) for i in range(len(node))])
+    y: dict[tuple[str, ...], float] = {leaf: -i for i, leaf in enumerate(leaves)}
+    for level in range(depth - 1, -1, -1):  # a parent sits at the mean height of its children
+        for prefix, options in tree.items():
+            if len(prefix) == level:
+                y[prefix] = sum(y[prefix + (w,)] for w in options) / len(options)
+    colors = dict(zip(paths, ["tab:orange", "tab:green", "tab:purple"]))
+    for prefix, options in tree.items():
+        for word, p in options.items():
+            child = prefix + (word,)
+            on = [name for name, path in paths.items() if path[: len(child)] == child]
+            color = colors[on[-1]] if on else "lightgray"
+            ax.plot([len(prefix), len(child)], [y[prefix], y[child]], color=color, linewidth=3 if on else 1.5, zorder=1)
+            ax.text((2 * len(prefix) + len(child)) / 3, (y[prefix] + y[child]) / 2 + 0.12, f"{p:g}", fontsize=8,
+                    ha="center", color="dimgray")
+            ax.text(len(child) + 0.04, y[child], f" {word}", va="center", fontsize=9)
+    for name, path in paths.items():
+        product = 1.0
+        for i, word in enumerate(path):
+            product *= tree[path[:i]][word]
+        ax.plot([], [], color=colors[name], linewidth=3, label=f"{name}: {' '.join(path)!r}, probability {product:.3g}")
+    ax.scatter([len(node) for node in y], list(y.values()), s=12, color="black", zorder=2)
+    ax.set_xticks(range(depth + 1), ["start"] + [f"word {i}" for i in range(1, depth + 1)])
+    ax.set_yticks([])
+    ax.set_xlim(-0.2, depth + 0.6)
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -271,7 +271,7 @@ def _top_k(logits: torch.Tensor, r: ResolvedParams) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, top_p: Param, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most probable tokens whose probability sum exceeds p.
+    """Nucleus filter: keep the smallest set of most probable tokens whose probability sum is at least p.
 
     As in `transformers`, tokens are sorted ascending and those whose cumulative probability is
     <= 1 - p are removed; p = 1 keeps all, p = 0 keeps only the best token.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2gen.generation import decode_steps, encode_prompts
+from gpt2gen.generation import decode_steps, encode_prompts, generate, stream
 from gpt2gen.sampling import SamplingParams, select_tokens
 from gpt2gen.static_cache import resolve_cache_implementation, static_decode_steps
 
@@ -74,6 +74,18 @@ def test_static_stops_at_the_step_where_every_row_finished(tiny_model, tokenizer
     assert len(steps) == first + 1 and steps[-1].finished.all() and not steps[-2].finished.any()
 
 
+def test_generate_and_stream_take_the_static_cache(tiny_model, tokenizer):
+    params = SamplingParams(temperature=[0.0, 0.9, 1.2], top_k=[0, 40, 20], top_p=[1.0, 0.9, 0.95])
+    static = generate(tiny_model, tokenizer, PROMPTS, params, 16, seed=4, cache_implementation="static")
+    dynamic = generate(tiny_model, tokenizer, PROMPTS, params, 16, seed=4, cache_implementation="dynamic")
+    assert torch.equal(static.sequences, dynamic.sequences) and static.texts == dynamic.texts
+    one = SamplingParams(temperature=0.9, top_k=40)
+    chunks = list(stream(tiny_model, tokenizer, PROMPTS[0], one, 16, seed=11, cache_implementation="static"))
+    assert [c.token_id for c in chunks] == generate(tiny_model, tokenizer, PROMPTS[0], one, 16, seed=11).new_tokens[0]
+    with pytest.raises(ValueError, match="cache_implementation must be one of"):
+        generate(tiny_model, tokenizer, PROMPTS[0], one, 4, cache_implementation="sliding")
+
+
 def test_cache_implementation_is_chosen_by_device_and_checked():
     assert resolve_cache_implementation(None, torch.device("cpu")) == "dynamic"
     assert resolve_cache_implementation(None, torch.device("cuda", 0)) == "static"
@@ -86,3 +98,15 @@ def test_a_cuda_graph_needs_a_cuda_device(tiny_model, tokenizer):
     input_ids, attention_mask = encode_prompts(tokenizer, PROMPTS[0], tiny_model.device)
     with pytest.raises(ValueError, match="a CUDA graph needs the model on a CUDA device, not cpu"):
         static_tokens(tiny_model, input_ids, attention_mask, SamplingParams.greedy(), 4, cuda_graph=True)
+
+
+def test_static_greedy_on_the_embedded_llama_matches_generate():
+    """Another architecture (Llama: rotary positions, grouped keys and values): the same tokens as generate."""
+    from gpt2gen.loading import load_model
+
+    loaded = load_model("embedded", device="cpu")
+    input_ids, attention_mask = encode_prompts(loaded.tokenizer, ["The capital of France is", "Hi"], "cpu")
+    expected = loaded.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                     max_new_tokens=6)
+    _, ours = static_tokens(loaded.model, input_ids, attention_mask, SamplingParams.greedy(), 6)
+    assert torch.equal(ours, expected)

@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .loading import context_length
 from .sampling import SamplingParams, select_tokens
+from .static_cache import resolve_cache_implementation, static_decode_steps
 
 
 @dataclass
@@ -77,12 +78,15 @@ def decode_steps(
     pad_token_id: int | None = None,
     use_cache: bool = True,
     fused: bool = True,
+    cache_implementation: str | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
 
     With `use_cache` the prompt is run once and each later step feeds only the new token, reusing
     the keys and values of earlier positions (`DynamicCache`); without it every step re-runs the
-    whole sequence (for comparison only: same tokens, much slower).
+    whole sequence (for comparison only: same tokens, much slower). `cache_implementation`
+    "static" preallocates the cache and, on CUDA, replays each step as one CUDA graph
+    (`static_cache`: same tokens); None chooses it on CUDA and "dynamic" elsewhere.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -96,6 +100,13 @@ def decode_steps(
         attention_mask = torch.ones_like(input_ids)
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
+    if use_cache and resolve_cache_implementation(cache_implementation, input_ids.device) == "static":
+        steps = min(max_new_tokens, limit - input_ids.shape[1])
+        select = lambda logits: select_tokens(logits, params, generator, fused)  # noqa: E731
+        for step in static_decode_steps(model, input_ids, attention_mask, steps, select, generator,
+                                        eos_token_id, pad_token_id):
+            yield Step(tokens=step.tokens, logits=step.logits, scores=step.scores, finished=step.finished)
+        return
     # Position ids count only real tokens, so left padding does not shift the prompt.
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     # Like `generate`, pass no mask when nothing is padded (a faster attention path).
@@ -142,6 +153,7 @@ def generate(
     output_scores: bool = False,
     progress: bool = False,
     fused: bool = True,
+    cache_implementation: str | None = None,
 ) -> GenerationResult:
     """Generate a continuation of each prompt as one batch; `params` may hold one value per prompt.
 
@@ -150,6 +162,8 @@ def generate(
     step's raw logits and processed scores, for plots. `fused` computes top-p on the top-k
     survivors when both are set (same scores, faster); `use_cache=False` re-runs the whole sequence
     at every step (same tokens, slower); both switches exist to measure what they save.
+    `cache_implementation` ("dynamic" or "static"; None: static on CUDA, dynamic elsewhere) picks
+    the KV cache: the static one preallocates it and on CUDA replays each step as a CUDA graph.
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
@@ -157,6 +171,7 @@ def generate(
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, fused=fused,
+        cache_implementation=cache_implementation,
     )
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
@@ -233,11 +248,13 @@ def stream(
     params: SamplingParams = SamplingParams(),
     max_new_tokens: int = 50,
     seed: int | None = None,
+    cache_implementation: str | None = None,
 ) -> Iterator[StreamChunk]:
     """Generate for one prompt and yield each token's text as soon as it is complete.
 
     Joining the chunks' text gives the same string as `generate(...).texts[0]` with the same seed.
     Closing the iterator (or breaking out of the loop) stops generation at once.
+    `cache_implementation` is as for `generate`.
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompt, device)
@@ -245,6 +262,7 @@ def stream(
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        cache_implementation=cache_implementation,
     )
     last: StreamChunk | None = None
     for step in steps:

@@ -76,18 +76,49 @@ def decode_steps(
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
-    use_cache: bool = True,
-    fused: bool = True,
     cache_implementation: str | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
 
-    With `use_cache` the prompt is run once and each later step feeds only the new token, reusing
-    the keys and values of earlier positions (`DynamicCache`); without it every step re-runs the
-    whole sequence (for comparison only: same tokens, much slower). `cache_implementation`
-    "static" preallocates the cache and, on CUDA, replays each step as one CUDA graph
-    (`static_cache`: same tokens); None chooses it on CUDA and "dynamic" elsewhere.
+    The prompt is run once; each later step feeds only the new token and reuses the keys and
+    values of earlier positions from a KV cache. `cache_implementation` "dynamic" grows the cache
+    (`DynamicCache`); "static" preallocates it and, on CUDA, replays each step as one CUDA graph
+    (`static_cache`: the same tokens); None chooses "static" on CUDA and "dynamic" elsewhere.
     """
+    return _decode(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+                   cached=True, cache_implementation=cache_implementation)
+
+
+def decode_steps_without_cache(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 50,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Iterator[Step]:
+    """`decode_steps` without a KV cache, to show what the cache saves: every step re-runs the whole sequence.
+
+    The same tokens as `decode_steps`, ever slower as the text grows (notebooks 02 and 05 time both).
+    """
+    return _decode(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+                   cached=False)
+
+
+def _decode(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    params: SamplingParams,
+    max_new_tokens: int,
+    generator: torch.Generator | None,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    cached: bool,
+    cache_implementation: str | None = None,
+) -> Iterator[Step]:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     limit = context_length(model)
@@ -96,38 +127,51 @@ def decode_steps(
             f"the prompt is {input_ids.shape[1]} tokens long but the model's context holds {limit} tokens "
             "in all: shorten the prompt to leave room for new tokens"
         )
+    if cached and resolve_cache_implementation(cache_implementation, input_ids.device) == "static":
+        return _static_steps(model, input_ids, attention_mask, params, min(max_new_tokens, limit - input_ids.shape[1]),
+                             generator, eos_token_id, pad_token_id)
+    return _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+                  cached, limit)
+
+
+def _static_steps(model, input_ids, attention_mask, params, steps, generator, eos_token_id, pad_token_id) -> Iterator[Step]:
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
-    if use_cache and resolve_cache_implementation(cache_implementation, input_ids.device) == "static":
-        steps = min(max_new_tokens, limit - input_ids.shape[1])
-        select = lambda logits: select_tokens(logits, params, generator, fused)  # noqa: E731
-        for step in static_decode_steps(model, input_ids, attention_mask, steps, select, generator,
-                                        eos_token_id, pad_token_id):
-            yield Step(tokens=step.tokens, logits=step.logits, scores=step.scores, finished=step.finished)
-        return
+    select = lambda logits: select_tokens(logits, params, generator)  # noqa: E731
+    for step in static_decode_steps(model, input_ids, attention_mask, steps, select, generator, eos_token_id,
+                                    pad_token_id):
+        yield Step(tokens=step.tokens, logits=step.logits, scores=step.scores, finished=step.finished)
+
+
+def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+           cached, limit) -> Iterator[Step]:
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
     # Position ids count only real tokens, so left padding does not shift the prompt.
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     # Like `generate`, pass no mask when nothing is padded (a faster attention path).
     padded = not bool(attention_mask.all())
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache = DynamicCache() if use_cache else None
+    cache = DynamicCache() if cached else None
     sequence, next_input, next_positions = input_ids, input_ids, position_ids
 
     for _ in range(min(max_new_tokens, limit - input_ids.shape[1])):
         with torch.inference_mode():
             out = model(
-                input_ids=next_input if use_cache else sequence,
+                input_ids=next_input if cached else sequence,
                 attention_mask=attention_mask if padded else None,
-                position_ids=next_positions if use_cache else position_ids,
+                position_ids=next_positions if cached else position_ids,
                 past_key_values=cache,
-                use_cache=use_cache,
+                use_cache=cached,
                 logits_to_keep=1,
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
-        tokens, scores = select_tokens(logits, params, generator, fused)
+        tokens, scores = select_tokens(logits, params, generator)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
@@ -148,30 +192,24 @@ def generate(
     params: SamplingParams = SamplingParams(),
     max_new_tokens: int = 50,
     seed: int | None = None,
-    use_cache: bool = True,
     stop_at_eos: bool = True,
     output_scores: bool = False,
     progress: bool = False,
-    fused: bool = True,
     cache_implementation: str | None = None,
 ) -> GenerationResult:
     """Generate a continuation of each prompt as one batch; `params` may hold one value per prompt.
 
     `seed` makes sampling reproducible (the same seed and settings give the same text, and the
     same tokens as `torch.manual_seed(seed); model.generate(...)`). `output_scores` keeps each
-    step's raw logits and processed scores, for plots. `fused` computes top-p on the top-k
-    survivors when both are set (same scores, faster); `use_cache=False` re-runs the whole sequence
-    at every step (same tokens, slower); both switches exist to measure what they save.
-    `cache_implementation` ("dynamic" or "static"; None: static on CUDA, dynamic elsewhere) picks
-    the KV cache: the static one preallocates it and on CUDA replays each step as a CUDA graph.
+    step's raw logits and processed scores, for plots. `cache_implementation` ("dynamic" or
+    "static"; None: static on CUDA, dynamic elsewhere) picks the KV cache, as in `decode_steps`.
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
     eos = tokenizer.eos_token_id if stop_at_eos else None
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, fused=fused,
-        cache_implementation=cache_implementation,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, cache_implementation=cache_implementation,
     )
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []

@@ -56,7 +56,7 @@ def test_static_per_row_settings_and_eos_match_the_dynamic_loop(tiny_model, toke
         steps, _ = static_tokens(tiny_model, input_ids, attention_mask, params, 30, seed=5,
                                  eos_token_id=eos, pad_token_id=0, check_every=check_every)
         assert len(steps) == len(dynamic)
-        for ours, theirs in zip(steps, dynamic):
+        for ours, theirs in zip(steps, dynamic, strict=True):
             assert torch.equal(ours.tokens, theirs.tokens)
             assert torch.equal(ours.finished, theirs.finished)
             torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=1e-6)

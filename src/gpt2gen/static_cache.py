@@ -148,7 +148,8 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         if generator is not None:
             graph.register_generator_state(generator)  # a seeded draw advances in every replay
-        with torch.cuda.graph(graph):
+        # thread_local: another thread using the GPU meanwhile (the demo serves several people) is not an error
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._eager_step()
         self.graph = graph
 

@@ -110,3 +110,16 @@ def test_static_greedy_on_the_embedded_llama_matches_generate():
                                      max_new_tokens=6)
     _, ours = static_tokens(loaded.model, input_ids, attention_mask, SamplingParams.greedy(), 6)
     assert torch.equal(ours, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (skipped on this machine)")
+def test_cuda_graph_gives_the_dynamic_tokens(tokenizer, recwarn):
+    """On a GPU: the captured step (no capture warning) gives the dynamic loop's tokens in float32, greedy and seeded."""
+    from conftest import tiny_gpt2
+
+    model = tiny_gpt2().to("cuda")
+    params = SamplingParams(temperature=[0.0, 0.9, 1.2], top_k=[0, 40, 20], top_p=[1.0, 0.9, 0.95])
+    static = generate(model, tokenizer, PROMPTS, params, 40, seed=4)  # static + CUDA graph: chosen on CUDA
+    dynamic = generate(model, tokenizer, PROMPTS, params, 40, seed=4, cache_implementation="dynamic")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert not [w for w in recwarn if "CUDA graph capture failed" in str(w.message)]

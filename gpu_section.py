@@ -11,7 +11,7 @@ from pathlib import Path
 
 import nbformat
 
-NOTEBOOK = Path("notebooks/05_fast_generation.ipynb")
+NOTEBOOK = Path(sys.argv[1] if len(sys.argv) > 1 else "notebooks/05_fast_generation.ipynb")
 
 INTRO = r"""## 7. On a GPU: launch-bound steps, a static cache and CUDA graphs
 

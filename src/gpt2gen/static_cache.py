@@ -191,7 +191,7 @@ def static_decode_steps(
     held = [decoder.output()]
     for index in range(1, steps):
         if len(held) == check_every:
-            ready, done = _until_all_finished(held)
+            ready, done = _until_all_finished(held, eos_token_id)
             yield from ready
             if done:
                 return
@@ -204,11 +204,13 @@ def static_decode_steps(
                     cuda_graph = _try_capture(decoder, generator, device)
                 decoder.step()
         held.append(decoder.output())
-    yield from _until_all_finished(held)[0]
+    yield from _until_all_finished(held, eos_token_id)[0]
 
 
-def _until_all_finished(held: list[StaticStep]) -> tuple[list[StaticStep], bool]:
+def _until_all_finished(held: list[StaticStep], eos_token_id: int | None) -> tuple[list[StaticStep], bool]:
     """The held steps up to the one where the last row finished (one host sync), and whether it did."""
+    if eos_token_id is None:
+        return held, False  # no row ever finishes: nothing to wait for
     done = torch.stack([step.finished.all() for step in held]).tolist()
     if True in done:
         return held[: done.index(True) + 1], True

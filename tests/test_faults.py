@@ -477,7 +477,6 @@ def test_a_prompt_beyond_the_context_is_a_clear_message(tiny):
 
 def test_the_demo_model_getter_honours_the_name(tiny_model_dir, tmp_path, tokenizer):
     from conftest import tiny_gpt2
-
     from gpt2gen import demo
 
     other = tmp_path / "other"

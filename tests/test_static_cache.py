@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2gen.generation import decode_steps, encode_prompts, generate, stream
 from gpt2gen.sampling import SamplingParams, select_tokens
-from gpt2gen.static_cache import resolve_cache_implementation, static_decode_steps
+from gpt2gen.static_cache import StaticDecoder, resolve_cache_implementation, static_decode_steps
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
 
@@ -123,3 +126,40 @@ def test_cuda_graph_gives_the_dynamic_tokens(tokenizer, recwarn):
     dynamic = generate(model, tokenizer, PROMPTS, params, 40, seed=4, cache_implementation="dynamic")
     assert torch.equal(static.sequences, dynamic.sequences)
     assert not [w for w in recwarn if "CUDA graph capture failed" in str(w.message)]
+
+
+class HostReads(TorchDispatchMode):
+    """Records every operator that reads a tensor's value back to Python (a host sync on a GPU)."""
+
+    READS = {"item", "is_nonzero", "_local_scalar_dense", "equal", "nonzero", "tolist"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            self.calls.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_static_step_never_waits_for_the_host(tiny_model, tokenizer):
+    """What a CUDA graph needs: after the prompt, a step (forward, warping, draw, EOS bookkeeping, advancing
+    the buffers) reads nothing back to the host, with per-row settings and left padding."""
+    input_ids, attention_mask = encode_prompts(tokenizer, PROMPTS, tiny_model.device)
+    params = SamplingParams(temperature=[0.0, 0.9, 1.2], top_k=[0, 40, 20], top_p=[1.0, 0.9, 0.95], min_p=0.01)
+    # As resolved on an accelerator: the fused top-k/top-p filter checks its data, so it runs on the CPU only.
+    resolved = dataclasses.replace(params.resolve(torch.zeros(3, 50257)), fused=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        decoder = StaticDecoder(tiny_model, input_ids, attention_mask, 8, lambda logits: resolved.select(logits, generator),
+                                eos_token_id=50256, pad_token_id=0)
+        decoder.prefill()
+        with HostReads() as reads:
+            decoder.step()
+            decoder.step()
+    assert reads.calls == []
+    with HostReads() as reads, torch.inference_mode():
+        decoder.step()
+        int(decoder.tokens[0])
+    assert reads.calls == ["item"]  # the recorder does see a read when there is one

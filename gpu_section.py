@@ -22,11 +22,10 @@ through the dispatcher and launches a small GPU kernel, which runs in microsecon
 GPU waiting for the next. Counting the operators of one decode step (on the CPU: the count does not
 depend on the device) shows how many launches a step makes:"""
 
-COUNT = r"""from collections import Counter
+COUNT = r"""import dataclasses
+from collections import Counter
 
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from gpt2gen.sampling import select_tokens
 
 
 class CountOperators(TorchDispatchMode):
@@ -45,18 +44,20 @@ ids, _ = encode_prompts(tokenizer, "The fox is", model.device)
 sampled = SamplingParams(temperature=0.8, top_k=50, top_p=0.9)
 step_cache = DynamicCache()
 with torch.inference_mode():
-    model(input_ids=ids, past_key_values=step_cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, past_key_values=step_cache, use_cache=True, logits_to_keep=1)
+    # The settings as resolved for a GPU, once per call (the fused top-k/top-p filter checks its data: CPU only).
+    resolved = dataclasses.replace(sampled.resolve(out.logits[:, -1].float()), fused=False)
     with CountOperators() as forward_ops:
         out = model(input_ids=ids[:, -1:], position_ids=torch.tensor([[ids.shape[1]]]), past_key_values=step_cache,
                     use_cache=True, logits_to_keep=1)
     with CountOperators() as select_ops:
-        select_tokens(out.logits[:, -1].float(), sampled, torch.Generator().manual_seed(0))
-syncs = sum(select_ops.calls[name] for name in ("is_nonzero", "item", "_local_scalar_dense"))
+        resolved.select(out.logits[:, -1].float(), torch.Generator().manual_seed(0))
+reads = sum(select_ops.calls[name] for name in ("is_nonzero", "item", "_local_scalar_dense"))
 print(f"{SPEED_MODEL}, one decode step at batch 1:")
 print(f"  forward pass: {sum(forward_ops.calls.values())} operator calls "
       f"({', '.join(f'{n} {name}' for name, n in forward_ops.calls.most_common(6))}, ...)")
-print(f"  T 0.8 + top-k 50 + top-p 0.9 and the draw: {sum(select_ops.calls.values())} operator calls, "
-      f"{syncs} of which read a value back to Python (a host synchronisation on a GPU)")"""
+print(f"  T 0.8 + top-k 50 + top-p 0.9 and the draw: {sum(select_ops.calls.values())} operator calls; "
+      f"values read back to Python (a host synchronisation on a GPU): {reads}")"""
 
 OVERHEAD_MD = r"""What one launch costs on the host is easy to measure: the time of a tiny in-place addition,
 where there is nothing to compute. Multiplied by the operator count it gives the floor of an

@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .loading import context_length
 from .sampling import SamplingParams
+from .static_cache import resolve_cache_implementation, static_decode_steps
 
 
 @dataclass
@@ -76,14 +77,17 @@ def decode_steps(
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    cache_implementation: str | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
 
     The prompt is run once; each later step feeds only the new token and reuses the keys and
-    values of earlier positions from a KV cache (`DynamicCache`).
+    values of earlier positions from a KV cache. `cache_implementation` "dynamic" grows the cache
+    (`DynamicCache`); "static" preallocates it and, on CUDA, replays each step as one CUDA graph
+    (`static_cache`: the same tokens); None chooses "static" on CUDA and "dynamic" elsewhere.
     """
     return _decode(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
-                   cached=True)
+                   cached=True, cache_implementation=cache_implementation)
 
 
 def decode_steps_without_cache(
@@ -114,6 +118,7 @@ def _decode(
     eos_token_id: int | None,
     pad_token_id: int | None,
     cached: bool,
+    cache_implementation: str | None = None,
 ) -> Iterator[Step]:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -131,8 +136,30 @@ def _decode(
         )
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
+    if cached and resolve_cache_implementation(cache_implementation, device) == "static":
+        return _static_steps(model, input_ids, attention_mask, params, min(max_new_tokens, limit - input_ids.shape[1]),
+                             generator, eos_token_id, pad_token_id)
     return _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
                   cached, limit)
+
+
+def _static_steps(model, input_ids, attention_mask, params, steps, generator, eos_token_id,
+                  pad_token_id) -> Iterator[Step]:
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    resolved = None
+
+    def select(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal resolved
+        if resolved is None:
+            resolved = params.resolve(logits)  # once, at the prompt: the captured step finds them on the device
+        return resolved.select(logits, generator)
+
+    for step in static_decode_steps(model, input_ids, attention_mask, steps, select, generator, eos_token_id,
+                                    pad_token_id):
+        yield Step(tokens=step.tokens, logits=step.logits, scores=step.scores, finished=step.finished)
 
 
 def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
@@ -189,19 +216,21 @@ def generate(
     stop_at_eos: bool = True,
     output_scores: bool = False,
     progress: bool = False,
+    cache_implementation: str | None = None,
 ) -> GenerationResult:
     """Generate a continuation of each prompt as one batch; `params` may hold one value per prompt.
 
     `seed` makes sampling reproducible (the same seed and settings give the same text, and the
     same tokens as `torch.manual_seed(seed); model.generate(...)`). `output_scores` keeps each
-    step's raw logits and processed scores, for plots.
+    step's raw logits and processed scores, for plots. `cache_implementation` ("dynamic" or
+    "static"; None: static on CUDA, dynamic elsewhere) picks the KV cache, as in `decode_steps`.
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
     eos = tokenizer.eos_token_id if stop_at_eos else None
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, cache_implementation=cache_implementation,
     )
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
@@ -283,11 +312,13 @@ def stream(
     params: SamplingParams = SamplingParams(),
     max_new_tokens: int = 50,
     seed: int | None = None,
+    cache_implementation: str | None = None,
 ) -> Iterator[StreamChunk]:
     """Generate for one prompt and yield each token's text as soon as it is complete.
 
     Joining the chunks' text gives the same string as `generate(...).texts[0]` with the same seed.
     Closing the iterator (or breaking out of the loop) stops generation at once.
+    `cache_implementation` is as for `generate`.
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompt, device)
@@ -295,6 +326,7 @@ def stream(
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        cache_implementation=cache_implementation,
     )
     # A token that ends inside a character has no text yet: its chunk waits for the next token
     # (it shows nothing meanwhile), or, if it was the last, takes what the end brings.

@@ -1,0 +1,241 @@
+"""A static KV cache and, on CUDA, the whole decode step replayed as one CUDA graph.
+
+The dynamic cache grows its key and value tensors by one position at every step, so each step
+allocates and has a new shape. A static cache (`transformers.StaticCache`) preallocates keys and
+values for the whole generation; a step then writes one position in place (at `cache_position`),
+and its inputs (the new tokens, their positions, the attention mask over the full static length)
+live in buffers that are updated in place too. Every step has the same shapes and the same memory
+addresses, and it makes no host synchronisation, which is what a CUDA graph needs: the step
+(forward pass, warping, the draw, EOS bookkeeping, advancing the buffers) is recorded once and then
+replayed with a single launch, instead of the hundreds of small kernel launches from Python that
+make an eager step on a GPU launch-bound rather than bandwidth-bound.
+
+Left padding works as in the dynamic loop: the 2D attention mask spans the full static length,
+zero for padding and for positions not written yet; position t is set to 1 just before the token
+at t is fed. The same tokens as the dynamic loop and `model.generate` come out, greedy or seeded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, StaticCache
+
+Select = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # float32 logits -> (tokens, scores)
+
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+WARMUP_STEPS = 2  # eager steps before capture (on a side stream, as the CUDA-graph docs require)
+CHECK_EVERY_ON_CUDA = 8  # look at "every row finished" once per this many steps (one host sync)
+
+
+def resolve_cache_implementation(cache_implementation: str | None, device: torch.device) -> str:
+    """`cache_implementation` checked, or the automatic choice: static on CUDA, dynamic elsewhere.
+
+    On a CPU a decode step is not launch-bound, so the static cache gains nothing there and its
+    attention over the full preallocated length costs a little; on CUDA it enables the graph.
+    """
+    if cache_implementation is None:
+        return "static" if torch.device(device).type == "cuda" else "dynamic"
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"cache_implementation must be one of {', '.join(map(repr, CACHE_IMPLEMENTATIONS))} "
+            f"(or None to choose automatically), got {cache_implementation!r}"
+        )
+    return cache_implementation
+
+
+@dataclass
+class StaticStep:
+    """One step's outputs (the loop in `generation` turns them into its `Step`)."""
+
+    tokens: torch.Tensor  # [batch]
+    logits: torch.Tensor  # [batch, vocab] raw float32
+    scores: torch.Tensor  # [batch, vocab] processed
+    finished: torch.Tensor  # [batch] bool
+
+
+class StaticDecoder:
+    """Decode state in fixed buffers: a `StaticCache`, the next tokens, positions, mask and flags.
+
+    `prefill` runs the prompt; each `step` feeds the tokens chosen last and chooses the next ones,
+    writing only into the buffers, so that on CUDA `capture` can record it in a graph and `step`
+    then replays it.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        select: Select,
+        eos_token_id: int | None,
+        pad_token_id: int,
+    ):
+        self.model, self.select, self.eos_token_id = model, select, eos_token_id
+        batch, prompt_length = input_ids.shape
+        device = input_ids.device
+        self.max_cache_len = prompt_length + max_new_tokens
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_cache_len)
+        self.mask = torch.zeros(batch, self.max_cache_len, dtype=torch.long, device=device)
+        self.mask[:, :prompt_length] = attention_mask
+        self.prompt = input_ids
+        # Position ids count only real tokens, so left padding does not shift the prompt.
+        self.prompt_positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        self.next_input = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = self.prompt_positions[:, -1:].clone()  # advanced to the next one in `_choose`
+        self.cache_position = torch.tensor([prompt_length], device=device)
+        self.pad = torch.tensor(pad_token_id, device=device)
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.logits = self.scores = torch.empty(0)  # [batch, vocab] float32, allocated in `prefill`
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def prefill(self) -> None:
+        """Run the prompt through the model and choose the first new tokens."""
+        prompt_length = self.prompt.shape[1]
+        out = self.model(
+            input_ids=self.prompt,
+            attention_mask=self.mask,
+            position_ids=self.prompt_positions,
+            cache_position=torch.arange(prompt_length, device=self.prompt.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1].to(torch.float32)
+        self.logits, self.scores = torch.empty_like(logits), torch.empty_like(logits)
+        self._choose(logits)
+
+    def _eager_step(self) -> None:
+        self.mask.index_fill_(1, self.cache_position, 1)  # the fed token's position becomes visible
+        out = self.model(
+            input_ids=self.next_input,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            cache_position=self.cache_position,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache_position += 1
+        self._choose(out.logits[:, -1])
+
+    def _choose(self, last_logits: torch.Tensor) -> None:
+        logits = last_logits.to(torch.float32)
+        tokens, scores = self.select(logits)
+        tokens = torch.where(self.unfinished, tokens, self.pad)
+        if self.eos_token_id is not None:
+            self.unfinished &= tokens != self.eos_token_id
+        self.logits.copy_(logits)
+        self.scores.copy_(scores)
+        self.tokens.copy_(tokens)
+        self.next_input.copy_(tokens[:, None])
+        self.positions += 1
+
+    def step(self) -> None:
+        """Feed the last chosen tokens and choose the next ones (a graph replay once captured)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._eager_step()
+
+    def capture(self, generator: torch.Generator | None) -> None:
+        """Record `step` in a CUDA graph (after this, nothing has run: the buffers are unchanged)."""
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)  # a seeded draw advances in every replay
+        # thread_local: another thread using the GPU meanwhile (the demo serves several people) is not an error
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._eager_step()
+        self.graph = graph
+
+    def output(self) -> StaticStep:
+        """Copies of this step's outputs (the buffers are overwritten by the next step)."""
+        return StaticStep(self.tokens.clone(), self.logits.clone(), self.scores.clone(), ~self.unfinished)
+
+
+def static_decode_steps(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    steps: int,
+    select: Select,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    cuda_graph: bool | None = None,
+    check_every: int | None = None,
+) -> Iterator[StaticStep]:
+    """Yield one `StaticStep` per new token, at most `steps`, until every row has finished.
+
+    `select` chooses the tokens from float32 logits (warping and drawing, with `generator`).
+    `cuda_graph` (default: on CUDA) replays the step as one CUDA graph after `WARMUP_STEPS` eager
+    steps; should capture fail, the eager static step carries on, after a one-line warning.
+    "Every row finished" is checked every `check_every` steps (default 1, or 8 on CUDA); the steps
+    in between are held back, and only those up to the one where the last row finished are
+    yielded, so the output is the same as checking at every step.
+    """
+    device = input_ids.device
+    on_cuda = device.type == "cuda"
+    cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+    if cuda_graph and not on_cuda:
+        raise ValueError(f"a CUDA graph needs the model on a CUDA device, not {device}")
+    check_every = check_every or (CHECK_EVERY_ON_CUDA if on_cuda else 1)
+    with torch.inference_mode():
+        decoder = StaticDecoder(model, input_ids, attention_mask, steps, select, eos_token_id, pad_token_id)
+        decoder.prefill()
+    held = [decoder.output()]
+    for index in range(1, steps):
+        if len(held) == check_every:
+            ready, done = _until_all_finished(held, eos_token_id)
+            yield from ready
+            if done:
+                return
+            held = []
+        with torch.inference_mode():
+            if cuda_graph and index <= WARMUP_STEPS:
+                _on_side_stream(decoder.step, device)
+            else:
+                if cuda_graph and decoder.graph is None:
+                    cuda_graph = _try_capture(decoder, generator, device)
+                decoder.step()
+        held.append(decoder.output())
+    yield from _until_all_finished(held, eos_token_id)[0]
+
+
+def _until_all_finished(held: list[StaticStep], eos_token_id: int | None) -> tuple[list[StaticStep], bool]:
+    """The held steps up to the one where the last row finished (one host sync), and whether it did."""
+    if eos_token_id is None:
+        return held, False  # no row ever finishes: nothing to wait for
+    done = torch.stack([step.finished.all() for step in held]).tolist()
+    if True in done:
+        return held[: done.index(True) + 1], True
+    return held, False
+
+
+def _on_side_stream(step: Callable[[], None], device: torch.device) -> None:
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
+def _try_capture(decoder: StaticDecoder, generator: torch.Generator | None, device: torch.device) -> bool:
+    """Capture the step; on any failure warn in one line and let the eager static step carry on."""
+    state = generator.get_state() if generator is not None else None
+    try:
+        with torch.cuda.device(device):
+            decoder.capture(generator)
+        return True
+    except Exception as error:  # a GPU user is never worse off than with the eager static step
+        decoder.graph = None
+        torch.cuda.synchronize(device)
+        if generator is not None:
+            generator.set_state(state)
+        warnings.warn(f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding eagerly", stacklevel=3)
+        return False

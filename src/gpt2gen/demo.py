@@ -317,7 +317,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
     return app
 
 
-CSS = "#chart { overflow: visible !important; margin-bottom: 48px; }"  # the legend sits below the chart's box
+CSS = "#chart, #chart svg { overflow: visible !important; } #chart { margin-bottom: 64px; }"  # the legend sits below the chart's box
 
 
 def launch(loaded: LoadedModel | None = None, host: str = "127.0.0.1", port: int | None = None,

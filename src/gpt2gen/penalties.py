@@ -1,0 +1,121 @@
+"""Repetition remedies as pure functions on the tokens so far and a batch of scores `[batch, vocab]`.
+
+- `apply_repetition_penalty`: the CTRL rule (Keskar et al., 2019) exactly as `transformers`'
+  `RepetitionPenaltyLogitsProcessor` applies it: every token already in the sequence (prompt and
+  new tokens, left padding ignored) has its logit divided by the penalty if positive, multiplied
+  by it if negative; once per token, however often it occurred. 1.0 = off.
+- `no_repeat_ngram_filter`: as `NoRepeatNGramLogitsProcessor`: a token that would complete an
+  n-gram already present in the sequence (prompt included) gets -inf. 0 = off.
+- `apply_presence_frequency_penalty`: the OpenAI convention (also vLLM's): subtract
+  `presence_penalty` once from every token that occurs, and `frequency_penalty` once per
+  occurrence. Only the generated tokens count, not the prompt, as in those APIs: a prompt that
+  names a topic should not make the topic's words less likely. 0 = off; values in [-2, 2].
+
+Every parameter may be one value for the batch or one value per row. Filtered tokens get -inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .sampling import FILTER_VALUE, Param, per_row
+
+
+def _numbers(value: Param) -> list[float]:
+    if isinstance(value, torch.Tensor):
+        return [float(v) for v in value.flatten().tolist()]
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
+def check_repetition_penalty(value: Param) -> None:
+    """Raise ValueError unless every repetition_penalty is a finite number > 0."""
+    for p in _numbers(value):
+        if not p > 0 or math.isinf(p):
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0 (1 turns it off, > 1 discourages repeats), got {p:g}"
+            )
+
+
+def check_no_repeat_ngram_size(value: Param) -> None:
+    """Raise ValueError unless every no_repeat_ngram_size is a whole number >= 0."""
+    for n in _numbers(value):
+        if not n >= 0 or math.isinf(n) or n != int(n):
+            raise ValueError(f"no_repeat_ngram_size must be a whole number >= 0 (0 turns it off), got {n:g}")
+
+
+def check_presence_or_frequency(name: str, value: Param) -> None:
+    """Raise ValueError unless every value of `name` (presence_penalty, frequency_penalty) lies in [-2, 2]."""
+    for p in _numbers(value):
+        if not -2.0 <= p <= 2.0:
+            raise ValueError(f"{name} must be in [-2, 2] (0 turns it off, > 0 discourages repeats), got {p:g}")
+
+
+def apply_repetition_penalty(
+    input_ids: torch.Tensor, scores: torch.Tensor, penalty: Param, ignore_length: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Divide the positive scores of tokens present in `input_ids` by the penalty, multiply the negative ones.
+
+    `ignore_length` `[batch]` skips each row's first tokens (the left padding, as `generate` does).
+    """
+    check_repetition_penalty(penalty)
+    column = per_row(penalty, scores, torch.float64)
+    if bool((column == 1.0).all()):
+        return scores
+    column = column.to(scores.dtype)  # a Python float multiplies a float32 tensor as its float32 copy
+    vocab = scores.shape[-1]
+    if ignore_length is not None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        input_ids = input_ids.masked_fill(positions[None, :] < ignore_length[:, None], vocab)
+    # Ignored positions (and ids beyond the scores) point at one spare column, dropped at the end.
+    input_ids = input_ids.clamp(max=vocab)
+    padded = torch.nn.functional.pad(scores, (0, 1))
+    score = padded.gather(1, input_ids)
+    score = torch.where(score < 0, score * column, score / column)
+    return padded.scatter(1, input_ids, score)[..., :vocab]
+
+
+def no_repeat_ngram_filter(input_ids: torch.Tensor, scores: torch.Tensor, ngram_size: Param) -> torch.Tensor:
+    """Give -inf to every token that would complete an n-gram already in `input_ids`."""
+    check_no_repeat_ngram_size(ngram_size)
+    sizes = per_row(ngram_size, scores, torch.long)
+    length, vocab = input_ids.shape[-1], scores.shape[-1]
+    banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
+    for n in sorted(set(_numbers(ngram_size)) - {0.0}):
+        n = int(n)
+        if length < n:
+            continue  # no complete n-gram yet
+        # The next token completes an n-gram that starts with the last n - 1 tokens: every earlier
+        # window whose first n - 1 tokens equal them bans its last token.
+        prefix = input_ids[:, length + 1 - n :]
+        windows = input_ids.unfold(dimension=1, size=n, step=1)
+        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1) & (sizes == n)
+        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+    return scores.masked_fill(banned[:, :vocab], FILTER_VALUE)
+
+
+def token_counts(token_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """How often each token occurs in each row: `[batch, vocab]` float32 (ids >= vocab are not counted)."""
+    counts = torch.zeros((token_ids.shape[0], vocab + 1), dtype=torch.float32, device=token_ids.device)
+    counts.scatter_add_(1, token_ids.clamp(max=vocab), torch.ones_like(token_ids, dtype=torch.float32))
+    return counts[:, :vocab]
+
+
+def apply_presence_frequency_penalty(
+    generated_ids: torch.Tensor, scores: torch.Tensor, presence_penalty: Param, frequency_penalty: Param
+) -> torch.Tensor:
+    """Subtract `presence_penalty` from every token in `generated_ids`, and `frequency_penalty` per occurrence.
+
+    `generated_ids` `[batch, new]` are the tokens generated so far, without the prompt.
+    """
+    check_presence_or_frequency("presence_penalty", presence_penalty)
+    check_presence_or_frequency("frequency_penalty", frequency_penalty)
+    presence = per_row(presence_penalty, scores, torch.float64).to(scores.dtype)
+    frequency = per_row(frequency_penalty, scores, torch.float64).to(scores.dtype)
+    if generated_ids.shape[-1] == 0 or not bool(((presence != 0) | (frequency != 0)).any()):
+        return scores
+    counts = token_counts(generated_ids, scores.shape[-1]).to(scores.dtype)
+    return scores - (frequency * counts + presence * (counts > 0).to(scores.dtype))

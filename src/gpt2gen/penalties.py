@@ -24,11 +24,7 @@ from .sampling import FILTER_VALUE, Param, per_row
 
 
 def _numbers(value: Param) -> list[float]:
-    if isinstance(value, torch.Tensor):
-        return [float(v) for v in value.flatten().tolist()]
-    if isinstance(value, (int, float)):
-        return [float(value)]
-    return [float(v) for v in value]
+    return torch.as_tensor(value, dtype=torch.float64).flatten().tolist()
 
 
 def check_repetition_penalty(value: Param) -> None:

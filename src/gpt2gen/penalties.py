@@ -77,11 +77,13 @@ def apply_repetition_penalty(
 def no_repeat_ngram_filter(input_ids: torch.Tensor, scores: torch.Tensor, ngram_size: Param) -> torch.Tensor:
     """Give -inf to every token that would complete an n-gram already in `input_ids`."""
     check_no_repeat_ngram_size(ngram_size)
+    active = sorted({int(n) for n in _numbers(ngram_size)} - {0})
+    if not active:
+        return scores
     sizes = per_row(ngram_size, scores, torch.long)
     length, vocab = input_ids.shape[-1], scores.shape[-1]
     banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
-    for n in sorted(set(_numbers(ngram_size)) - {0.0}):
-        n = int(n)
+    for n in active:
         if length < n:
             continue  # no complete n-gram yet
         # The next token completes an n-gram that starts with the last n - 1 tokens: every earlier
@@ -115,3 +117,25 @@ def apply_presence_frequency_penalty(
         return scores
     counts = token_counts(generated_ids, scores.shape[-1]).to(scores.dtype)
     return scores - (frequency * counts + presence * (counts > 0).to(scores.dtype))
+
+
+def apply_penalties(
+    input_ids: torch.Tensor,
+    scores: torch.Tensor,
+    prompt_length: int,
+    repetition_penalty: Param = 1.0,
+    no_repeat_ngram_size: Param = 0,
+    presence_penalty: Param = 0.0,
+    frequency_penalty: Param = 0.0,
+    ignore_length: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Every remedy in `generate`'s order (repetition penalty, then n-gram blocking), presence and frequency between.
+
+    `input_ids` `[batch, length]` are the tokens so far, the first `prompt_length` of them the
+    (left-padded) prompt; `ignore_length` `[batch]` is each row's left padding. The presence and
+    frequency penalties subtract constants, so where they sit relative to n-gram blocking's -inf
+    changes nothing.
+    """
+    scores = apply_repetition_penalty(input_ids, scores, repetition_penalty, ignore_length)
+    scores = apply_presence_frequency_penalty(input_ids[:, prompt_length:], scores, presence_penalty, frequency_penalty)
+    return no_repeat_ngram_filter(input_ids, scores, no_repeat_ngram_size)

@@ -57,6 +57,42 @@ def test_zipf_coefficient_of_an_exact_zipf_distribution():
         assert metrics.zipf_coefficient([tokens]) == pytest.approx(s, abs=0.02)
 
 
+def test_distinct_n_terms_add_up_to_distinct_n():
+    lists = [[1, 2, 1, 2], [1, 2, 3], [4, 5, 4, 5, 4]]
+    terms = metrics.distinct_n_terms(lists, 2)
+    assert terms == [(2, 3), (1, 2), (2, 4)]  # (1,2),(2,1) | (2,3) | (4,5),(5,4)
+    assert sum(t[0] for t in terms) / sum(t[1] for t in terms) == metrics.distinct_n(lists, 2)
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_theory():
+    values = list(torch.randn(400, generator=torch.Generator().manual_seed(0)).double().numpy() * 2 + 5)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    low, high = metrics.bootstrap_interval(values, mean)
+    sd = float(torch.tensor(values).std())
+    half = 1.96 * sd / len(values) ** 0.5  # about 0.2
+    assert low < mean(values) < high
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+    assert metrics.bootstrap_interval(values, mean) == (low, high)  # seeded
+    narrow = metrics.bootstrap_interval(values, mean, confidence=0.5)
+    assert low < narrow[0] < narrow[1] < high
+    assert metrics.bootstrap_interval([3.0] * 10, mean) == (3.0, 3.0)
+    with pytest.raises(ValueError, match="at least two"):
+        metrics.bootstrap_interval([1.0], mean)
+    with pytest.raises(ValueError, match="confidence"):
+        metrics.bootstrap_interval(values, mean, confidence=95)
+
+
+def test_proportion_interval_by_hand():
+    # Wilson score interval, z = 1.96: 0 of 16 gives [0, z^2 / (16 + z^2)] = [0, 0.194].
+    assert metrics.proportion_interval(0, 16) == (0.0, pytest.approx(1.96**2 / (16 + 1.96**2), rel=1e-3))
+    low, high = metrics.proportion_interval(4, 16)
+    assert (low, high) == (pytest.approx(0.102, abs=1e-3), pytest.approx(0.495, abs=1e-3))
+    assert metrics.proportion_interval(16, 16)[1] == 1.0
+    assert metrics.proportion_interval(2, 16)[1] > metrics.proportion_interval(0, 16)[1]
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        metrics.proportion_interval(17, 16)
+
+
 def test_mean_length():
     assert metrics.mean_length([[1, 2], [1, 2, 3, 4]]) == 3.0
 
@@ -67,6 +103,8 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tokenizer):
         model.transformer.wte.weight.zero_()  # tied LM head: every logit is 0
     ppl = metrics.perplexity(model, tokenizer, ["The fox is", "A"], [[262, 21831], [11, 12, 13]])
     assert ppl == pytest.approx(50257, rel=1e-4)
+    terms = metrics.perplexity_terms(model, tokenizer, ["The fox is", "A"], [[262, 21831], [11, 12, 13]])
+    assert [n for _, n in terms] == [2, 3] and metrics.perplexity_of(terms) == ppl
 
 
 def test_perplexity_scores_only_the_continuation(tiny_model, tokenizer):

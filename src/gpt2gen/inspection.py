@@ -1,4 +1,4 @@
-"""Looking inside: tokens of a text, and the model's next-token distribution for a prompt."""
+"""Looking inside: tokens of a text, the model's next-token distribution, and per-step statistics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .generation import encode_prompts
+from .generation import GenerationResult, encode_prompts
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,40 @@ def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
 def kept_counts(scores: torch.Tensor) -> torch.Tensor:
     """How many tokens a filter kept in each row of processed scores (the finite entries)."""
     return torch.isfinite(scores).sum(-1)
+
+
+def live_steps(result: GenerationResult) -> torch.Tensor:
+    """Boolean `[batch, steps]`: True where a row was still generating at that step.
+
+    A row is live up to and including the step that produced its end-of-text token. After that the
+    batch goes on for the other rows and the finished row only receives padding: its scores at
+    those steps describe no choice, so per-step statistics must leave them out.
+    """
+    steps = len(result.scores) or result.sequences.shape[1] - result.prompt_length
+    lengths = torch.tensor([len(tokens) for tokens in result.new_tokens])
+    return torch.arange(steps)[None, :] < lengths[:, None]
+
+
+@dataclass(frozen=True)
+class StepStatistics:
+    """Per-step statistics of a generation, NaN where a row had already finished (padding steps).
+
+    Take them over real steps only with `torch.nanmedian` / `torch.nanmean`, or index with `live`
+    (`kept[live]` gives the live values; `kept[row][live[row]]` one row's curve).
+    """
+
+    live: torch.Tensor  # [batch, steps] bool, see `live_steps`
+    kept: torch.Tensor  # [batch, steps] float: tokens the filters kept (finite processed scores)
+    entropy: torch.Tensor  # [batch, steps] float: entropy in bits of the distribution sampled from
+
+
+def step_statistics(result: GenerationResult) -> StepStatistics:
+    """Kept-token counts and entropies at each real step of a `generate(..., output_scores=True)` result."""
+    if not result.scores:
+        raise ValueError("the result has no per-step scores: call generate(..., output_scores=True)")
+    live = live_steps(result)
+    kept = torch.stack([kept_counts(s) for s in result.scores], dim=1).double()
+    entropy = torch.stack([entropy_bits(s) for s in result.scores], dim=1)
+    live_here = live.to(kept.device)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=kept.device)
+    return StepStatistics(live=live, kept=torch.where(live_here, kept, nan), entropy=torch.where(live_here, entropy, nan))

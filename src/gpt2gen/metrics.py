@@ -2,14 +2,16 @@
 
 Perplexity (how likely the model finds the text), distinct-n and Self-BLEU-4 (diversity),
 repetition (share of generations stuck in a loop at the end), the Zipf coefficient (how the
-token frequencies fall off with rank) and mean length.
+token frequencies fall off with rank) and mean length; and how uncertain each of them is when
+measured on a few generations (`bootstrap_interval`, `proportion_interval`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,12 +19,29 @@ from scipy import stats
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Tokens = Sequence[int]
+Item = TypeVar("Item")
 
 
 def distinct_n(token_lists: Sequence[Tokens], n: int) -> float:
     """Distinct-n: unique n-grams divided by all n-grams, over a set of generations (1.0 = no repeats)."""
     grams = [tuple(tokens[i : i + n]) for tokens in token_lists for i in range(len(tokens) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n_terms(token_lists: Sequence[Tokens], n: int) -> list[tuple[int, int]]:
+    """Distinct-n split by generation: (n-grams first seen in this generation, n-grams in it).
+
+    The sums of the two columns are distinct-n's numerator and denominator, so the ratio of sums
+    over any resample of generations is distinct-n again (duplicated draws count as new text).
+    """
+    seen: set[tuple[int, ...]] = set()
+    terms = []
+    for tokens in token_lists:
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        new = set(grams) - seen
+        seen |= new
+        terms.append((len(new), len(grams)))
+    return terms
 
 
 def repeating_loop(tokens: Tokens, max_phrase: int = 90) -> tuple[int, int] | None:
@@ -56,6 +75,11 @@ def self_bleu(token_lists: Sequence[Tokens], max_order: int = 4) -> float:
 
     Uses NLTK's `sentence_bleu` with uniform 4-gram weights and smoothing method 1, as the paper did.
     """
+    return float(np.mean(self_bleu_scores(token_lists, max_order)))
+
+
+def self_bleu_scores(token_lists: Sequence[Tokens], max_order: int = 4) -> list[float]:
+    """BLEU of each generation against all the others (`self_bleu` is their mean)."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
     if len(token_lists) < 2:
@@ -63,11 +87,10 @@ def self_bleu(token_lists: Sequence[Tokens], max_order: int = 4) -> float:
     texts = [[str(t) for t in tokens] for tokens in token_lists]
     weights = tuple([1.0 / max_order] * max_order)
     smoothing = SmoothingFunction().method1
-    scores = [
+    return [
         sentence_bleu(texts[:i] + texts[i + 1 :], hypothesis, weights=weights, smoothing_function=smoothing)
         for i, hypothesis in enumerate(texts)
     ]
-    return float(np.mean(scores))
 
 
 def zipf_coefficient(token_lists: Sequence[Tokens], top: int = 5000) -> float:
@@ -92,7 +115,21 @@ def perplexity(
 
     Only continuation tokens are scored; each is predicted from its prompt and the tokens before it.
     """
-    total_nll, total_tokens = 0.0, 0
+    return perplexity_of(perplexity_terms(model, tokenizer, prompts, continuations, batch_size))
+
+
+def perplexity_of(terms: Sequence[tuple[float, int]]) -> float:
+    """Perplexity from per-generation (negative log-likelihood, tokens) terms: exp(sum NLL / sum tokens)."""
+    total_nll, total_tokens = sum(t[0] for t in terms), sum(t[1] for t in terms)
+    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+
+
+def perplexity_terms(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+    continuations: Sequence[Tokens], batch_size: int = 16,
+) -> list[tuple[float, int]]:
+    """Each continuation's (negative log-likelihood in nats, number of tokens) given its prompt."""
+    terms = []
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(prompts), batch_size):
         rows, targets = [], []
@@ -111,6 +148,42 @@ def perplexity(
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
         token_log_probs = log_probs.gather(-1, input_ids[:, 1:, None].to(model.device))[..., 0]
         for i, (context_len, n) in enumerate(targets):
-            total_nll -= float(token_log_probs[i, context_len - 1 : context_len - 1 + n].sum())
-            total_tokens += n
-    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+            terms.append((-float(token_log_probs[i, context_len - 1 : context_len - 1 + n].sum()), n))
+    return terms
+
+
+def bootstrap_interval(
+    items: Sequence[Item], statistic: Callable[[list[Item]], float], confidence: float = 0.95,
+    resamples: int = 2000, seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic` over `items` (for instance one per generation).
+
+    Draws `resamples` samples of len(items) items with replacement, computes the statistic on
+    each, and returns the central `confidence` share of those values: the spread a metric would
+    show if the study were repeated with as many other prompts. Resamples where the statistic is
+    undefined (NaN) are left out. Seeded, so the same every run.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    if len(items) < 2:
+        raise ValueError("a bootstrap interval needs at least two items")
+    draws = np.random.default_rng(seed).integers(0, len(items), size=(resamples, len(items)))
+    values = np.array([statistic([items[i] for i in row]) for row in draws])
+    tail = (1 - confidence) / 2
+    low, high = np.nanquantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n (for example looping generations).
+
+    Unlike a bootstrap, it does not collapse to [0, 0] when none of the n generations loops:
+    0 of 16 is still compatible with a true rate of up to about 19%.
+    """
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    z = stats.norm.ppf(1 - (1 - confidence) / 2)
+    share = k / n
+    centre = (share + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * math.sqrt(share * (1 - share) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    return (0.0 if k == 0 else float(centre - half)), (1.0 if k == n else float(centre + half))

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2gen.contrastive import check_penalty_alpha, contrastive_decode, contrastive_scores, degeneration_penalty
+from gpt2gen.contrastive import contrastive_decode, contrastive_scores, degeneration_penalty
 from gpt2gen.generation import encode_prompts
+from gpt2gen.sampling import SamplingParams, check_penalty_alpha
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
 
 
 def ours(model, tokenizer, prompts, penalty_alpha, top_k, steps, eos_token_id=None) -> torch.Tensor:
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, model.device)
-    new = [t for t, _, _, _ in contrastive_decode(model, input_ids, attention_mask, penalty_alpha, top_k, steps,
-                                                   eos_token_id=eos_token_id)]
+    params = SamplingParams(penalty_alpha=penalty_alpha, top_k=top_k)
+    new = [t for t, _, _, _ in contrastive_decode(model, input_ids, attention_mask, params, steps, eos_token_id=eos_token_id)]
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
 
@@ -103,7 +104,6 @@ def test_bad_alpha_raises_a_clear_error(bad):
         check_penalty_alpha(bad)
 
 
-def test_top_k_zero_raises(tiny_model, tokenizer):
-    input_ids, attention_mask = encode_prompts(tokenizer, PROMPTS[0], tiny_model.device)
-    with pytest.raises(ValueError, match=r"contrastive search needs top_k >= 1 candidates per step .* got 0"):
-        next(contrastive_decode(tiny_model, input_ids, attention_mask, 0.6, 0, 5))
+def test_top_k_zero_raises():
+    with pytest.raises(ValueError, match=r"contrastive search \(penalty_alpha > 0\) needs top_k >= 1 candidates"):
+        SamplingParams(penalty_alpha=0.6)

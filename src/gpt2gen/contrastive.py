@@ -19,21 +19,13 @@ hidden state and next logits are kept, so each step costs one forward pass of ba
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .sampling import Param, per_row
-
-Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens so far, raw logits) -> processed scores
-
-
-def check_penalty_alpha(value: Param) -> None:
-    """Raise ValueError unless every penalty_alpha lies in [0, 1]."""
-    for a in torch.as_tensor(value, dtype=torch.float64).flatten().tolist():
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"penalty_alpha must be in [0, 1] (0 turns contrastive search off; its paper uses 0.6), got {a}")
+from .penalties import apply_penalties, left_padding
+from .sampling import SamplingParams, per_row
 
 
 def degeneration_penalty(candidates: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
@@ -56,23 +48,22 @@ def contrastive_decode(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    penalty_alpha: Param,
-    top_k: Param,
+    params: SamplingParams,
     steps: int,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
-    process: Scores | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (tokens, raw logits, processed scores, finished) for each of `steps` new tokens.
 
-    `input_ids` is left-padded as `attention_mask` says; `process` turns the raw logits into the
-    scores whose softmax gives the candidates' probabilities (the repetition penalties, if any).
-    Rows that produced EOS continue with the pad token, as in `generate`.
+    Uses `params.penalty_alpha` and `params.top_k` (one value or one per row) and the repetition
+    remedies of `params`, which turn the raw logits into the scores whose softmax gives the
+    candidates' probabilities; the warpers (temperature, top-p, ...) do not apply. `input_ids` is
+    left-padded as `attention_mask` says. Rows that produced EOS continue with the pad token, as in
+    `generate`.
     """
-    check_penalty_alpha(penalty_alpha)
     batch, device = input_ids.shape[0], input_ids.device
-    alpha = per_row(penalty_alpha, input_ids, torch.float64).to(torch.float32)
-    k = per_row(top_k, input_ids, torch.long)
+    alpha = per_row(params.penalty_alpha, input_ids, torch.float64).to(torch.float32)
+    k = per_row(params.top_k, input_ids, torch.long)
     if bool((k < 1).any()):
         raise ValueError(f"contrastive search needs top_k >= 1 candidates per step (the paper uses 4), got {k.min().item()}")
     width = int(k.max())
@@ -91,11 +82,12 @@ def contrastive_decode(
     context_mask = attention_mask.bool()
     del out
     positions = position_ids[:, -1:] + 1
-    sequence = input_ids
+    sequence, prompt_length = input_ids, input_ids.shape[1]
+    padding = left_padding(attention_mask) if params.penalizes else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
 
     for _ in range(steps):
-        scores = process(sequence, logits) if process is not None else logits
+        scores = apply_penalties(sequence, logits, params, prompt_length, padding) if params.penalizes else logits
         top_probs, top_ids = torch.softmax(scores, dim=-1).topk(width, dim=-1)  # [batch, width]
         cache.batch_repeat_interleave(width)
         mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)

@@ -4,7 +4,9 @@ One loop (`decode_steps`) serves everything: `generate` collects its steps for a
 prompts, `stream` turns them into text as tokens arrive. It mirrors what `model.generate` does
 step for step (left padding, position ids from the attention mask, `logits_to_keep=1`, float32
 scores, one `torch.multinomial` draw per step for the batch, EOS rows padded), so that with the
-same seed it produces the same tokens.
+same seed it produces the same tokens. The repetition remedies of the settings (`penalties.py`) act
+on the raw logits before the warpers, with the tokens so far, as `generate`'s logits processors do;
+penalty_alpha > 0 switches the loop to contrastive search (`contrastive.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .contrastive import contrastive_decode
 from .loading import context_length
+from .penalties import apply_penalties, left_padding
 from .sampling import SamplingParams, select_tokens
 
 
@@ -122,8 +126,26 @@ def _decode(
             f"the prompt is {input_ids.shape[1]} tokens long but the model's context holds {limit} tokens "
             "in all: shorten the prompt to leave room for new tokens"
         )
+    if params.contrastive:
+        if not cached:
+            raise ValueError("contrastive search (penalty_alpha > 0) always uses the KV cache: use decode_steps")
+        return _contrastive_steps(model, input_ids, attention_mask, params, max_new_tokens, eos_token_id, pad_token_id,
+                                  limit)
     return _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
                   cached, limit)
+
+
+def _contrastive_steps(model, input_ids, attention_mask, params, max_new_tokens, eos_token_id, pad_token_id,
+                       limit) -> Iterator[Step]:
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    steps = min(max_new_tokens, limit - input_ids.shape[1])
+    for tokens, logits, scores, finished in contrastive_decode(
+        model, input_ids, attention_mask, params, steps, eos_token_id, pad_token_id
+    ):
+        yield Step(tokens=tokens, logits=logits, scores=scores, finished=finished)
 
 
 def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
@@ -139,6 +161,8 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     cache = DynamicCache() if cached else None
     sequence, next_input, next_positions = input_ids, input_ids, position_ids
+    penalize, prompt_length = params.penalizes, input_ids.shape[1]
+    padding = left_padding(attention_mask) if penalize else None
 
     for _ in range(min(max_new_tokens, limit - input_ids.shape[1])):
         with torch.inference_mode():
@@ -152,7 +176,8 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
-        tokens, scores = select_tokens(logits, params, generator)
+        penalized = apply_penalties(sequence, logits, params, prompt_length, padding) if penalize else logits
+        tokens, scores = select_tokens(penalized, params, generator)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id

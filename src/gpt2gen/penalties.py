@@ -16,38 +16,17 @@ Every parameter may be one value for the batch or one value per row. Filtered to
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .sampling import FILTER_VALUE, Param, per_row
-
-
-def _numbers(value: Param) -> list[float]:
-    return torch.as_tensor(value, dtype=torch.float64).flatten().tolist()
-
-
-def check_repetition_penalty(value: Param) -> None:
-    """Raise ValueError unless every repetition_penalty is a finite number > 0."""
-    for p in _numbers(value):
-        if not p > 0 or math.isinf(p):
-            raise ValueError(
-                f"repetition_penalty must be a finite number > 0 (1 turns it off, > 1 discourages repeats), got {p:g}"
-            )
-
-
-def check_no_repeat_ngram_size(value: Param) -> None:
-    """Raise ValueError unless every no_repeat_ngram_size is a whole number >= 0."""
-    for n in _numbers(value):
-        if not n >= 0 or math.isinf(n) or n != int(n):
-            raise ValueError(f"no_repeat_ngram_size must be a whole number >= 0 (0 turns it off), got {n:g}")
-
-
-def check_presence_or_frequency(name: str, value: Param) -> None:
-    """Raise ValueError unless every value of `name` (presence_penalty, frequency_penalty) lies in [-2, 2]."""
-    for p in _numbers(value):
-        if not -2.0 <= p <= 2.0:
-            raise ValueError(f"{name} must be in [-2, 2] (0 turns it off, > 0 discourages repeats), got {p:g}")
+from .sampling import (
+    FILTER_VALUE,
+    Param,
+    SamplingParams,
+    check_no_repeat_ngram_size,
+    check_presence_or_frequency,
+    check_repetition_penalty,
+    per_row,
+)
 
 
 def apply_repetition_penalty(
@@ -77,10 +56,10 @@ def apply_repetition_penalty(
 def no_repeat_ngram_filter(input_ids: torch.Tensor, scores: torch.Tensor, ngram_size: Param) -> torch.Tensor:
     """Give -inf to every token that would complete an n-gram already in `input_ids`."""
     check_no_repeat_ngram_size(ngram_size)
-    active = sorted({int(n) for n in _numbers(ngram_size)} - {0})
+    sizes = per_row(ngram_size, scores, torch.long)
+    active = sorted(set(sizes.flatten().tolist()) - {0})
     if not active:
         return scores
-    sizes = per_row(ngram_size, scores, torch.long)
     length, vocab = input_ids.shape[-1], scores.shape[-1]
     banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
     for n in active:
@@ -122,20 +101,24 @@ def apply_presence_frequency_penalty(
 def apply_penalties(
     input_ids: torch.Tensor,
     scores: torch.Tensor,
+    params: SamplingParams,
     prompt_length: int,
-    repetition_penalty: Param = 1.0,
-    no_repeat_ngram_size: Param = 0,
-    presence_penalty: Param = 0.0,
-    frequency_penalty: Param = 0.0,
     ignore_length: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Every remedy in `generate`'s order (repetition penalty, then n-gram blocking), presence and frequency between.
+    """Every remedy of `params` in `generate`'s order: repetition penalty, then n-gram blocking.
 
     `input_ids` `[batch, length]` are the tokens so far, the first `prompt_length` of them the
     (left-padded) prompt; `ignore_length` `[batch]` is each row's left padding. The presence and
-    frequency penalties subtract constants, so where they sit relative to n-gram blocking's -inf
-    changes nothing.
+    frequency penalties, which `generate` lacks, come between: they subtract constants, so their
+    place relative to n-gram blocking's -inf changes nothing.
     """
-    scores = apply_repetition_penalty(input_ids, scores, repetition_penalty, ignore_length)
-    scores = apply_presence_frequency_penalty(input_ids[:, prompt_length:], scores, presence_penalty, frequency_penalty)
-    return no_repeat_ngram_filter(input_ids, scores, no_repeat_ngram_size)
+    scores = apply_repetition_penalty(input_ids, scores, params.repetition_penalty, ignore_length)
+    scores = apply_presence_frequency_penalty(
+        input_ids[:, prompt_length:], scores, params.presence_penalty, params.frequency_penalty
+    )
+    return no_repeat_ngram_filter(input_ids, scores, params.no_repeat_ngram_size)
+
+
+def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's number of left-padding positions, as `generate` computes it for the repetition penalty."""
+    return (attention_mask != 0).int().argmax(dim=1)

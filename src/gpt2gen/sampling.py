@@ -19,6 +19,7 @@ import torch
 
 Param = float | int | Sequence[float] | Sequence[int] | torch.Tensor
 FILTER_VALUE = -math.inf
+MIN_TEMPERATURE = 0.01  # a stated floor: far below it logits / T overflow to inf and the probabilities to nan
 
 
 @dataclass(frozen=True)
@@ -115,17 +116,20 @@ def _values(value: Param) -> list[float]:
 
 
 def check_temperature(value: Param) -> None:
-    """Raise ValueError unless every temperature is a number >= 0."""
+    """Raise ValueError unless every temperature is 0 (greedy) or a finite number >= MIN_TEMPERATURE."""
     for t in _values(value):
         if not t >= 0 or math.isinf(t):  # `not >=` also catches NaN
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (tiny ones overflow the "
+                             f"probabilities; 0 gives their limit, greedy decoding), got {t:g}")
 
 
 def check_top_k(value: Param) -> None:
     """Raise ValueError unless every top_k is a whole number >= 0."""
     for k in _values(value):
         if not k >= 0 or math.isinf(k) or k != int(k):
-            raise ValueError(f"top_k must be a whole number >= 0 (0 turns top-k off), got {k}")
+            raise ValueError(f"top_k must be a whole number >= 0 (0 turns top-k off), got {k:g}")
 
 
 def check_probability(name: str, value: Param, neutral: float) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_cli import run_cli, texts_of
 
 from gpt2gen.generation import generate
 from gpt2gen.sampling import SamplingParams
-from test_cli import run_cli, texts_of
 
 PROMPT = "The fox is"
 

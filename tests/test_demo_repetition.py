@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_demo import free_port
 
 from gpt2gen.demo import DemoInputError, chart_frame, compare, launch, make_request
 from gpt2gen.generation import generate
 from gpt2gen.loading import load_model
 from gpt2gen.sampling import SamplingParams
-from test_demo import free_port
 
 
 @pytest.fixture(scope="module")

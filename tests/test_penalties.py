@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_sampling import logit_batches, same
 from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from gpt2gen.penalties import (
@@ -16,7 +17,6 @@ from gpt2gen.penalties import (
     no_repeat_ngram_filter,
     token_counts,
 )
-from test_sampling import logit_batches, same
 
 
 @st.composite

@@ -44,7 +44,8 @@ def run_cli(*args: str, model: Path | str, cwd: Path | None = None, timeout: int
 def one_error_line(done: subprocess.CompletedProcess, status: int, message: str) -> None:
     assert done.returncode == status, done.stderr
     assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if not line.startswith(("generating:", "[transformers]", "You may"))]
+    lines = [line for line in done.stderr.splitlines()
+             if line.strip() and not line.startswith(("generating:", "[transformers]", "You may"))]
     assert len(lines) == 1 and "error:" in lines[0] and message in lines[0], done.stderr
 
 
@@ -145,13 +146,14 @@ def full_disk(tmp_path):
         pytest.skip("cannot mount a tmpfs here (test_a_failing_writer_keeps_the_old_file covers the logic)")
     try:
         (mount / "results.json").write_text('{"earlier": "run"}\n')
-        with open(mount / "filler", "wb") as filler:
-            try:
-                while True:
-                    filler.write(b"\0" * 4096)
-                    filler.flush()
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
+        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(filler, b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(filler)
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -477,7 +479,6 @@ def test_a_prompt_beyond_the_context_is_a_clear_message(tiny):
 
 def test_the_demo_model_getter_honours_the_name(tiny_model_dir, tmp_path, tokenizer):
     from conftest import tiny_gpt2
-
     from gpt2gen import demo
 
     other = tmp_path / "other"

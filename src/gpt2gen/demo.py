@@ -23,8 +23,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from .generation import generate, stream  # noqa: E402
-from .loading import LoadedModel, load_model, requested_model_name  # noqa: E402
 from .inspection import token_label  # noqa: E402
+from .loading import LoadedModel, load_model, requested_model_name  # noqa: E402
 from .sampling import SamplingParams, apply_temperature  # noqa: E402
 
 METHODS = ("Greedy", "Top-k", "Top-p", "Temperature", "Contrastive")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from . import embedded
 from .files import cache_root
+from .progress import progress_bars_off
 
 DEFAULT_MODEL = "gpt2"
 MODEL_ENV_VAR = "GPT2GEN_MODEL"
@@ -182,14 +182,8 @@ def _check_local(path: Path) -> None:
 
 
 def _from_pretrained(source: str | Path, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    # A "Loading weights" bar for a one-second load is noise (and varies in notebook outputs).
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with progress_bars_off():  # a "Loading weights" bar for a one-second load is noise
         return _from_pretrained_quiet(source, dtype, **kwargs)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _from_pretrained_quiet(

@@ -5,11 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2gen.contrastive import (
-    contrastive_decode,
-    contrastive_scores,
-    degeneration_penalty,
-)
+from gpt2gen.contrastive import contrastive_decode, contrastive_scores, degeneration_penalty
 from gpt2gen.generation import encode_prompts
 from gpt2gen.sampling import SamplingParams, check_penalty_alpha
 

@@ -21,6 +21,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .generation import encode_prompts
 from .loading import context_length
+from .penalties import apply_penalties, left_padding
+from .sampling import SamplingParams
 
 NEG = -1.0e9  # "impossible" score, as in transformers
 
@@ -50,12 +52,18 @@ def beam_search(
     early_stopping: bool | str = False,
     num_return_sequences: int = 1,
     eos_token_id: int | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> BeamResult:
     """Beam search for each prompt, with `generate`'s `length_penalty` and `early_stopping` semantics.
 
     length_penalty > 0 favours longer hypotheses, < 0 shorter ones. early_stopping: True stops as
     soon as `num_beams` hypotheses are finished; False stops when a heuristic says no running beam
-    can do better; "never" stops only when that is certain.
+    can do better; "never" stops only when that is certain. The repetition remedies (`penalties.py`)
+    act, as in `generate`, on each beam's log-probabilities: all negative, so the repetition penalty
+    always multiplies them.
     """
     if num_beams < 2:
         raise ValueError(f"num_beams must be at least 2, got {num_beams} (one beam is greedy decoding: use "
@@ -64,6 +72,8 @@ def beam_search(
         raise ValueError(f"num_return_sequences must be between 1 and num_beams ({num_beams}), got {num_return_sequences}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    remedies = SamplingParams(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     pad = tokenizer.pad_token_id or eos  # generate() fills unused positions this way
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, model.device)
@@ -79,6 +89,7 @@ def beam_search(
     flat_ids = input_ids.repeat_interleave(num_beams, dim=0)
     flat_mask = attention_mask.repeat_interleave(num_beams, dim=0)
     positions = (flat_mask.cumsum(-1) - 1).masked_fill(flat_mask == 0, 0)
+    padding = left_padding(flat_mask) if remedies.penalizes else None
     padded = not bool(flat_mask.all())
     running = torch.full((batch, num_beams, max_length), pad, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids[:, None, :]
@@ -98,6 +109,9 @@ def beam_search(
             out = model(input_ids=step_input, attention_mask=flat_mask if padded else None,
                         position_ids=step_positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        if remedies.penalizes:
+            sequences = running[:, :, :cur_len].reshape(batch * num_beams, cur_len)
+            log_probs = apply_penalties(sequences, log_probs, remedies, prompt_len, padding)
         vocab = log_probs.shape[-1]
         totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
 

@@ -89,7 +89,29 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--stream", action="store_true",
                         help="print tokens as they are generated (samples then run one after another, sample i with "
                              "seed + i)")
+    remedies = parser.add_argument_group("repetition remedies (notebook 06; default: off)")
+    remedies.add_argument("--repetition_penalty", type=float, default=None,
+                          help="CTRL penalty on every token already in the text, prompt included, as transformers "
+                               "applies it: > 1 discourages repeats (1.2 is common; 1 = off)")
+    remedies.add_argument("--no_repeat_ngram_size", type=int, default=None,
+                          help="never repeat an n-gram of this many tokens, prompt included (0 = off)")
+    remedies.add_argument("--presence_penalty", type=float, default=None,
+                          help="subtract this from the logit of every token already generated (OpenAI convention: "
+                               "the prompt does not count), in [-2, 2] (0 = off)")
+    remedies.add_argument("--frequency_penalty", type=float, default=None,
+                          help="subtract this per earlier occurrence in the generated text, in [-2, 2] (0 = off)")
+    remedies.add_argument("--penalty_alpha", type=float, default=None,
+                          help="contrastive search: weight in [0, 1] of the degeneration penalty, with --top_k "
+                               "candidates per step (its paper: --penalty_alpha 0.6 --top_k 4); deterministic")
     return parser
+
+
+REMEDIES = ("repetition_penalty", "no_repeat_ngram_size", "presence_penalty", "frequency_penalty", "penalty_alpha")
+
+
+def remedy_settings(args: argparse.Namespace) -> dict[str, float]:
+    """The repetition remedies given on the command line, recorded with every sample."""
+    return {name: getattr(args, name) for name in REMEDIES if getattr(args, name) is not None}
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,7 @@ def validate(args: argparse.Namespace) -> Path | None:
         check_temperature(_temperature(args))
         check_top_k(args.top_k)
         check_probability("top_p", _top_p(args), neutral=1.0)
+        check_remedies(args)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from exc
     if args.output_json is None:
@@ -177,6 +200,25 @@ def validate(args: argparse.Namespace) -> Path | None:
         return check_writable(args.output_json)
     except ValueError as exc:
         raise UsageError(f"--output_json: {exc}") from exc
+
+
+def check_remedies(args: argparse.Namespace) -> None:
+    """Check the repetition remedies; contrastive search needs candidates and does not sample."""
+    from .sampling import SamplingParams
+
+    SamplingParams(**{**remedy_settings(args), "penalty_alpha": 0.0})
+    if args.penalty_alpha is None:
+        return
+    SamplingParams(penalty_alpha=args.penalty_alpha, top_k=max(args.top_k, 1))
+    if args.penalty_alpha == 0:
+        return
+    if args.top_k < 1:
+        raise ValueError("penalty_alpha needs --top_k >= 1 candidates per step (its paper uses --penalty_alpha 0.6 "
+                         "--top_k 4)")
+    if sampled := [flag for flag, on in (("--use_temperature", args.use_temperature), ("--use_nucleus", args.use_nucleus),
+                                         ("--temperature", args.temperature is not None),
+                                         ("--top_p", args.top_p is not None)) if on]:
+        raise ValueError(f"penalty_alpha (contrastive search) is deterministic: {sampled[0]} has no effect with it")
 
 
 def _temperature(args: argparse.Namespace) -> float:
@@ -261,7 +303,9 @@ def stream_texts(
 
 
 def header(index: int, total: int, setting: dict[str, float]) -> str:
-    return f"=== sample {index + 1}/{total} · temperature {setting['temperature']:g} · top-p {setting['nucleus']:g} ==="
+    remedies = "".join(f" · {name.replace('_', ' ')} {setting[name]:g}" for name in REMEDIES if name in setting)
+    return (f"=== sample {index + 1}/{total} · temperature {setting['temperature']:g} · top-p {setting['nucleus']:g}"
+            f"{remedies} ===")
 
 
 def choose_seed(seed: int | None) -> int:
@@ -319,6 +363,7 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
         raise UsageError(str(exc)) from exc
     max_new_tokens, prompt_length = max_new_tokens_for(loaded, args.prompt, args.max_length)
     settings = sample_settings(args.num_samples, args.use_temperature, args.use_nucleus, _temperature(args), _top_p(args))
+    settings = [{**setting, **remedy_settings(args)} for setting in settings]
     rows = chunk_rows(args.max_length)
     started = time.perf_counter()
     if multi:

@@ -46,7 +46,15 @@ class Method:
     num_beams: int = 0
 
     def describe(self) -> str:
-        return f"beam search, {self.num_beams} beams" if self.num_beams else repr(self.params)
+        if not self.num_beams:
+            return repr(self.params)
+        remedies = {name: getattr(self.params, name) for name in BEAM_REMEDIES
+                    if getattr(self.params, name) != getattr(SamplingParams(), name)}
+        return f"beam search, {self.num_beams} beams" + "".join(f", {k}={v}" for k, v in remedies.items())
+
+
+# The repetition remedies beam search takes from a method's params (its other settings do not apply).
+BEAM_REMEDIES = ("repetition_penalty", "no_repeat_ngram_size", "presence_penalty", "frequency_penalty")
 
 
 # The paper's own settings wherever a row stands beside one of its rows (Table 1): sampling at t = 0.9,
@@ -124,7 +132,7 @@ def _code_fingerprint() -> str:
     """A hash of the modules that decide the generated tokens: change them and the cache is rebuilt."""
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("generation.py", "sampling.py", "beam.py"):
+    for name in ("generation.py", "sampling.py", "beam.py", "penalties.py", "contrastive.py"):
         digest.update((here / name).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -144,7 +152,8 @@ def generate_for(loaded: LoadedModel, prompts: datasets.Dataset, method: Method,
     def run(batch: dict, indices: list[int]) -> dict:
         if method.num_beams:
             result = beam_search(loaded.model, loaded.tokenizer, batch["prompt"], num_beams=method.num_beams,
-                                 max_new_tokens=max_new_tokens)
+                                 max_new_tokens=max_new_tokens,
+                                 **{name: getattr(method.params, name) for name in BEAM_REMEDIES})
         else:
             result = generate(loaded.model, loaded.tokenizer, batch["prompt"], method.params,
                               max_new_tokens=max_new_tokens, seed=seed + indices[0] // batch_size)

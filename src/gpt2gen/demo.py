@@ -2,7 +2,7 @@
 
 The backend functions (`make_request`, `stream_updates`, `compare`) are plain Python and tested
 directly; `build_app` wires them to a page: a prompt, a method (Greedy, Top-k, Top-p, plain
-temperature sampling) with only its own controls shown, streamed text, Stop, a live chart of the
+temperature sampling, contrastive search) with only its own controls shown, the repetition remedies, streamed text, Stop, a live chart of the
 current step's most probable next tokens (kept or cut by the method), and a tab that runs one
 prompt with several methods side by side.
 """
@@ -27,11 +27,13 @@ from .inspection import token_label  # noqa: E402
 from .loading import LoadedModel, load_model, requested_model_name  # noqa: E402
 from .sampling import SamplingParams, apply_temperature  # noqa: E402
 
-METHODS = ("Greedy", "Top-k", "Top-p", "Temperature")
+METHODS = ("Greedy", "Top-k", "Top-p", "Temperature", "Contrastive")
 MAX_PROMPT_CHARS = 2000
 MAX_NEW_TOKENS = 256
 TEMPERATURE_RANGE = (0.05, 2.0)
 TOP_K_RANGE = (1, 500)
+REPETITION_PENALTY_RANGE = (0.5, 3.0)
+NGRAM_RANGE = (0, 10)
 CHART_TOKENS = 12
 STEP_TIMEOUT_S = 120  # longest wait for one token before the stream gives up
 
@@ -51,24 +53,42 @@ class Request:
     top_p: float
     max_new_tokens: int
     seed: int | None
+    # The repetition remedies (notebook 06), off by default; penalty_alpha is used by "Contrastive" only.
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_alpha: float = 0.6
+
+    @property
+    def remedies(self) -> dict[str, float]:
+        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
 
     @property
     def params(self) -> SamplingParams:
         if self.method == "Greedy":
-            return SamplingParams.greedy()
+            return SamplingParams(temperature=0.0, **self.remedies)
         if self.method == "Top-k":
-            return SamplingParams(temperature=self.temperature, top_k=self.top_k)
+            return SamplingParams(temperature=self.temperature, top_k=self.top_k, **self.remedies)
         if self.method == "Top-p":
-            return SamplingParams(temperature=self.temperature, top_p=self.top_p)
-        return SamplingParams(temperature=self.temperature)
+            return SamplingParams(temperature=self.temperature, top_p=self.top_p, **self.remedies)
+        if self.method == "Contrastive":
+            return SamplingParams(penalty_alpha=self.penalty_alpha, top_k=self.top_k, **self.remedies)
+        return SamplingParams(temperature=self.temperature, **self.remedies)
 
     @property
     def settings(self) -> str:
         """The settings that matter for this method, as text."""
+        neutral = Request.__dataclass_fields__
+        remedies = "".join(f", {name.replace('_', ' ')} = {value:g}" for name, value in self.remedies.items()
+                           if value != neutral[name].default)
         if self.method == "Greedy":
-            return "argmax"
+            return "argmax" + remedies
+        if self.method == "Contrastive":
+            return f"alpha = {self.penalty_alpha:g}, k = {self.top_k}" + remedies
         extra = {"Top-k": f", k = {self.top_k}", "Top-p": f", p = {self.top_p:g}"}.get(self.method, "")
-        return f"T = {self.temperature:g}{extra}"
+        return f"T = {self.temperature:g}{extra}" + remedies
 
 
 def _number(name: str, value, low: float, high: float, whole: bool = False) -> float:
@@ -82,7 +102,9 @@ def _number(name: str, value, low: float, high: float, whole: bool = False) -> f
     return number
 
 
-def make_request(prompt, method, temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=60, seed=None) -> Request:
+def make_request(prompt, method, temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=60, seed=None,
+                 repetition_penalty=1.0, no_repeat_ngram_size=0, presence_penalty=0.0, frequency_penalty=0.0,
+                 penalty_alpha=0.6) -> Request:
     """Check every input (as the UI or the API sent it) and return a `Request`, or raise `DemoInputError`."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise DemoInputError("Type a prompt first: the model needs some text to continue.")
@@ -102,6 +124,11 @@ def make_request(prompt, method, temperature=1.0, top_k=50, top_p=0.9, max_new_t
         top_p=_number("top_p", top_p, 0.0, 1.0),
         max_new_tokens=int(_number("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS, whole=True)),
         seed=seed_value,
+        repetition_penalty=_number("repetition penalty", repetition_penalty, *REPETITION_PENALTY_RANGE),
+        no_repeat_ngram_size=int(_number("no-repeat n-gram size", no_repeat_ngram_size, *NGRAM_RANGE, whole=True)),
+        presence_penalty=_number("presence penalty", presence_penalty, -2.0, 2.0),
+        frequency_penalty=_number("frequency penalty", frequency_penalty, -2.0, 2.0),
+        penalty_alpha=_number("penalty alpha", penalty_alpha, 0.0, 1.0),
     )
 
 
@@ -117,11 +144,15 @@ def check_fits(loaded: LoadedModel, request: Request) -> None:
 
 def chart_frame(logits: torch.Tensor, scores: torch.Tensor, request: Request, loaded: LoadedModel,
                 n: int = CHART_TOKENS) -> pd.DataFrame:
-    """The step's n most probable tokens (after temperature) and whether the method keeps them."""
-    if request.method == "Greedy":
-        probs = torch.softmax(logits, dim=-1)
+    """The step's n most probable tokens (after temperature) and whether the method keeps them.
+
+    Greedy and contrastive search show the scores after the repetition remedies (the raw logits when
+    none is on); greedy keeps the best token, contrastive search its k candidates.
+    """
+    if request.method in ("Greedy", "Contrastive"):
+        probs = torch.softmax(scores, dim=-1)
         kept = torch.zeros_like(probs, dtype=torch.bool)
-        kept[torch.argmax(logits)] = True
+        kept[torch.topk(scores, 1 if request.method == "Greedy" else request.top_k).indices] = True
     else:
         probs = torch.softmax(apply_temperature(logits[None], request.temperature)[0], dim=-1)
         kept = torch.isfinite(scores)
@@ -199,24 +230,35 @@ def _tokens(count: int) -> str:
 
 
 def compare(loaded: LoadedModel, prompt, methods: Sequence[str], temperature=1.0, top_k=50, top_p=0.9,
-            max_new_tokens=60, seed=0) -> pd.DataFrame:
-    """The same prompt with several methods, generated as one batch with one row of settings per method."""
+            max_new_tokens=60, seed=0, **remedies) -> pd.DataFrame:
+    """The same prompt with several methods, generated as one batch with one row of settings per method.
+
+    `remedies` (repetition_penalty, ..., penalty_alpha, as `make_request` takes them) apply to every
+    method; contrastive search, which is deterministic, runs as a batch of its own.
+    """
     if isinstance(methods, str) or not methods:
         raise DemoInputError("Choose at least one method to compare.")
     if unknown := [m for m in methods if m not in METHODS]:
         raise DemoInputError(f"Unknown method {str(unknown[0])[:40]!r}: choose among {', '.join(METHODS)}.")
     if len(set(methods)) != len(methods):
         raise DemoInputError(f"Each method can be compared once (at most {len(METHODS)}): {', '.join(METHODS)}.")
-    requests = [make_request(prompt, m, temperature, top_k, top_p, max_new_tokens, seed) for m in methods]
+    requests = [make_request(prompt, m, temperature, top_k, top_p, max_new_tokens, seed, **remedies) for m in methods]
     check_fits(loaded, requests[0])
-    params = SamplingParams(
-        temperature=[r.params.temperature for r in requests],
-        top_k=[r.params.top_k for r in requests],
-        top_p=[r.params.top_p for r in requests],
-    )
-    result = generate(loaded.model, loaded.tokenizer, [prompt] * len(requests), params,
-                      max_new_tokens=requests[0].max_new_tokens, seed=requests[0].seed)
-    return pd.DataFrame({"method": list(methods), "settings": [r.settings for r in requests], "text": result.texts})
+    texts: dict[int, str] = {}
+    for contrastive in (False, True):
+        batch = [i for i, r in enumerate(requests) if (r.method == "Contrastive") == contrastive]
+        if not batch:
+            continue
+        params = SamplingParams(**{name: [getattr(requests[i].params, name) for i in batch] for name in _PER_ROW})
+        result = generate(loaded.model, loaded.tokenizer, [prompt] * len(batch), params,
+                          max_new_tokens=requests[0].max_new_tokens, seed=requests[0].seed)
+        texts.update(zip(batch, result.texts))
+    return pd.DataFrame({"method": list(methods), "settings": [r.settings for r in requests],
+                         "text": [texts[i] for i in range(len(requests))]})
+
+
+_PER_ROW = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "presence_penalty",
+            "frequency_penalty", "penalty_alpha")
 
 
 _loaded: dict[str, LoadedModel] = {}
@@ -233,9 +275,20 @@ def get_model(name: str | None = None) -> LoadedModel:
 
 
 def _visibility(method: str):
-    sampled = method != "Greedy"
-    return (gr.update(visible=sampled), gr.update(visible=method == "Top-k"), gr.update(visible=method == "Top-p"),
-            gr.update(visible=sampled))
+    sampled = method not in ("Greedy", "Contrastive")
+    return (gr.update(visible=sampled), gr.update(visible=method in ("Top-k", "Contrastive")),
+            gr.update(visible=method == "Top-p"), gr.update(visible=sampled), gr.update(visible=method == "Contrastive"))
+
+
+def _remedy_controls() -> list:
+    """Sliders for the repetition remedies (notebook 06), off by default."""
+    with gr.Accordion("Repetition remedies (notebook 06)", open=False):
+        return [
+            gr.Slider(*REPETITION_PENALTY_RANGE, value=1.0, step=0.05, label="Repetition penalty (1 = off)"),
+            gr.Slider(*NGRAM_RANGE, value=0, step=1, label="No-repeat n-gram size (0 = off)"),
+            gr.Slider(-2.0, 2.0, value=0.0, step=0.1, label="Presence penalty (0 = off)"),
+            gr.Slider(-2.0, 2.0, value=0.0, step=0.1, label="Frequency penalty (0 = off)"),
+        ]
 
 
 def build_app(loaded: LoadedModel) -> gr.Blocks:
@@ -248,9 +301,12 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
             if event := stops.pop(request.session_hash, None):
                 event.set()
 
-    def run_stream(prompt, method, temperature, top_k, top_p, max_new_tokens, seed, request: gr.Request):
+    def run_stream(prompt, method, temperature, top_k, top_p, max_new_tokens, seed, repetition_penalty=1.0,
+                   no_repeat_ngram_size=0, presence_penalty=0.0, frequency_penalty=0.0, penalty_alpha=0.6,
+                   request: gr.Request = None):
         try:
-            checked = make_request(prompt, method, temperature, top_k, top_p, max_new_tokens, seed)
+            checked = make_request(prompt, method, temperature, top_k, top_p, max_new_tokens, seed, repetition_penalty,
+                                   no_repeat_ngram_size, presence_penalty, frequency_penalty, penalty_alpha)
             check_fits(loaded, checked)
         except DemoInputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
@@ -261,9 +317,13 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
         for update in stream_updates(loaded, checked, event):
             yield update.text, update.chart, update.status
 
-    def run_compare(prompt, methods, temperature, top_k, top_p, max_new_tokens, seed):
+    def run_compare(prompt, methods, temperature, top_k, top_p, max_new_tokens, seed, repetition_penalty=1.0,
+                    no_repeat_ngram_size=0, presence_penalty=0.0, frequency_penalty=0.0, penalty_alpha=0.6):
+        remedies = {"repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
+                    "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                    "penalty_alpha": penalty_alpha}
         try:
-            return compare(loaded, prompt, methods, temperature, top_k, top_p, max_new_tokens, seed or 0)
+            return compare(loaded, prompt, methods, temperature, top_k, top_p, max_new_tokens, seed or 0, **remedies)
         except DemoInputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
@@ -280,6 +340,9 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                     top_p = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="p (top-p)")
                     max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=60, step=1, label="Max new tokens")
                     seed = gr.Number(value=0, precision=0, label="Seed (empty: random)", minimum=0)
+                    penalty_alpha = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="alpha (contrastive search)",
+                                              visible=False)
+                    remedies = _remedy_controls()
                     with gr.Row():
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -293,8 +356,8 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                         label="Current step: most probable next tokens (kept or cut by the method)",
                         elem_id="chart",
                     )
-            method.change(_visibility, method, [temperature, top_k, top_p, seed], queue=False)
-            inputs = [prompt, method, temperature, top_k, top_p, max_new_tokens, seed]
+            method.change(_visibility, method, [temperature, top_k, top_p, seed, penalty_alpha], queue=False)
+            inputs = [prompt, method, temperature, top_k, top_p, max_new_tokens, seed, *remedies, penalty_alpha]
             started = generate_button.click(stop_session, None, None, queue=False, trigger_mode="multiple")
             started.then(run_stream, inputs, [output, chart, status], api_name="generate")
             # Stop sets the session's stop event: the stream ends after the current token and reports it.
@@ -303,17 +366,20 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=2):
                     c_prompt = gr.Textbox(label="Prompt", value="Once upon a time", lines=2, max_length=MAX_PROMPT_CHARS)
-                    c_methods = gr.CheckboxGroup(list(METHODS), value=list(METHODS), label="Methods")
+                    c_methods = gr.CheckboxGroup(list(METHODS), value=[m for m in METHODS if m != "Contrastive"],
+                                                 label="Methods")
                     c_temperature = gr.Slider(*TEMPERATURE_RANGE, value=1.0, step=0.05, label="Temperature (sampling methods)")
                     c_top_k = gr.Slider(*TOP_K_RANGE, value=50, step=1, label="k (top-k)")
                     c_top_p = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="p (top-p)")
                     c_max = gr.Slider(1, MAX_NEW_TOKENS, value=40, step=1, label="Max new tokens")
                     c_seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+                    c_alpha = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="alpha (contrastive search)")
+                    c_remedies = _remedy_controls()
                     compare_button = gr.Button("Compare", variant="primary")
                 with gr.Column(scale=3):
                     table = gr.Dataframe(label=f"Side by side ({loaded.label})", wrap=True)
-            compare_button.click(run_compare, [c_prompt, c_methods, c_temperature, c_top_k, c_top_p, c_max, c_seed],
-                                 table, api_name="compare")
+            compare_button.click(run_compare, [c_prompt, c_methods, c_temperature, c_top_k, c_top_p, c_max, c_seed,
+                                               *c_remedies, c_alpha], table, api_name="compare")
     return app
 
 

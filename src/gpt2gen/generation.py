@@ -4,7 +4,9 @@ One loop (`decode_steps`) serves everything: `generate` collects its steps for a
 prompts, `stream` turns them into text as tokens arrive. It mirrors what `model.generate` does
 step for step (left padding, position ids from the attention mask, `logits_to_keep=1`, float32
 scores, one `torch.multinomial` draw per step for the batch, EOS rows padded), so that with the
-same seed it produces the same tokens.
+same seed it produces the same tokens. The repetition remedies of the settings (`penalties.py`) act
+on the raw logits before the warpers, with the tokens so far, as `generate`'s logits processors do;
+penalty_alpha > 0 switches the loop to contrastive search (`contrastive.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from tokenizers.decoders import DecodeStream
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .contrastive import contrastive_decode
 from .loading import context_length
+from .penalties import apply_penalties, left_padding
 from .sampling import SamplingParams
 from .static_cache import resolve_cache_implementation, static_decode_steps
 
@@ -136,11 +140,27 @@ def _decode(
         )
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
-    if cached and resolve_cache_implementation(cache_implementation, device) == "static":
+    if params.contrastive:
+        if not cached:
+            raise ValueError("contrastive search (penalty_alpha > 0) always uses the KV cache: use decode_steps")
+        return _contrastive_steps(model, input_ids, attention_mask, params, max_new_tokens, eos_token_id, pad_token_id,
+                                  limit)
+    if cached and _static(cache_implementation, device, params):
         return _static_steps(model, input_ids, attention_mask, params, min(max_new_tokens, limit - input_ids.shape[1]),
                              generator, eos_token_id, pad_token_id)
     return _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
                   cached, limit)
+
+
+def _static(cache_implementation: str | None, device: torch.device, params: SamplingParams) -> bool:
+    """Whether to decode with the static cache; the remedies need the token history, which it does not keep."""
+    static = resolve_cache_implementation(cache_implementation, device) == "static"
+    if static and params.penalizes:
+        if cache_implementation == "static":
+            raise ValueError("the static cache does not keep the tokens that the repetition remedies need: "
+                             "use cache_implementation='dynamic' (or leave it None) with them")
+        return False
+    return static
 
 
 def _static_steps(model, input_ids, attention_mask, params, steps, generator, eos_token_id,
@@ -162,6 +182,19 @@ def _static_steps(model, input_ids, attention_mask, params, steps, generator, eo
         yield Step(tokens=step.tokens, logits=step.logits, scores=step.scores, finished=step.finished)
 
 
+def _contrastive_steps(model, input_ids, attention_mask, params, max_new_tokens, eos_token_id, pad_token_id,
+                       limit) -> Iterator[Step]:
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    steps = min(max_new_tokens, limit - input_ids.shape[1])
+    for tokens, logits, scores, finished in contrastive_decode(
+        model, input_ids, attention_mask, params, steps, eos_token_id, pad_token_id
+    ):
+        yield Step(tokens=tokens, logits=logits, scores=scores, finished=finished)
+
+
 def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
            cached, limit) -> Iterator[Step]:
     # Like `generate`, pass no mask when nothing is padded (a faster attention path).
@@ -176,6 +209,8 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
     cache = DynamicCache() if cached else None
     sequence, next_input, next_positions = input_ids, input_ids, position_ids
     resolved = None
+    penalize, prompt_length = params.penalizes, input_ids.shape[1]
+    padding = left_padding(attention_mask) if penalize else None
 
     for _ in range(min(max_new_tokens, limit - input_ids.shape[1])):
         with torch.inference_mode():
@@ -189,9 +224,10 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
+        penalized = apply_penalties(sequence, logits, params, prompt_length, padding) if penalize else logits
         if resolved is None:
             resolved = params.resolve(logits)  # once: later steps find the settings on the device
-        tokens, scores = resolved.select(logits, generator)
+        tokens, scores = resolved.select(penalized, generator)
         tokens = torch.where(unfinished, tokens, pad_token_id)
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id

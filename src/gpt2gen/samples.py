@@ -34,10 +34,17 @@ def sample_settings(
     return [{"nucleus": p, "temperature": t} for p, t in zip(nuclei, temperatures)]
 
 
+# The repetition remedies a sample may carry, with the values that turn them off.
+REMEDY_DEFAULTS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "presence_penalty": 0.0,
+                   "frequency_penalty": 0.0, "penalty_alpha": 0.0}
+
+
 def params_for(settings: list[dict[str, float]], top_k: int) -> SamplingParams:
-    """One batch's per-row sampling parameters."""
+    """One batch's per-row sampling parameters (and repetition remedies, where a sample has them)."""
+    remedies = {name: [s.get(name, off) for s in settings] for name, off in REMEDY_DEFAULTS.items()}
     return SamplingParams(
-        temperature=[s["temperature"] for s in settings], top_k=top_k, top_p=[s["nucleus"] for s in settings]
+        temperature=[s["temperature"] for s in settings], top_k=top_k, top_p=[s["nucleus"] for s in settings],
+        **remedies,
     )
 
 

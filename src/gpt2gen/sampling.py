@@ -33,6 +33,10 @@ class SamplingParams:
 
     temperature: 0 = greedy, < 1 sharper, 1 unchanged, > 1 flatter. top_k: 0 = off.
     top_p: 1.0 = off, 0.0 = best token only. min_p: 0.0 = off. typical_p: 1.0 = off.
+    The repetition remedies (`penalties.py`), applied to the logits before the warpers:
+    repetition_penalty: 1.0 = off. no_repeat_ngram_size: 0 = off. presence_penalty and
+    frequency_penalty: 0.0 = off. penalty_alpha > 0 on any row switches the batch to contrastive
+    search (`contrastive.py`) with top_k candidates: deterministic, the warpers do not apply.
     """
 
     temperature: Param = 1.0
@@ -41,6 +45,11 @@ class SamplingParams:
     min_p: Param = 0.0
     typical_p: Param = 1.0
     min_tokens_to_keep: int = 1
+    repetition_penalty: Param = 1.0
+    no_repeat_ngram_size: Param = 0
+    presence_penalty: Param = 0.0
+    frequency_penalty: Param = 0.0
+    penalty_alpha: Param = 0.0
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
@@ -49,6 +58,25 @@ class SamplingParams:
         check_probability("min_p", self.min_p, neutral=0.0)
         check_typical_p(self.typical_p)
         check_min_tokens_to_keep(self.min_tokens_to_keep)
+        check_repetition_penalty(self.repetition_penalty)
+        check_no_repeat_ngram_size(self.no_repeat_ngram_size)
+        check_presence_or_frequency("presence_penalty", self.presence_penalty)
+        check_presence_or_frequency("frequency_penalty", self.frequency_penalty)
+        check_penalty_alpha(self.penalty_alpha)
+        if _any(self.penalty_alpha, lambda a: a > 0) and _any(self.top_k, lambda k: k < 1):
+            raise ValueError("contrastive search (penalty_alpha > 0) needs top_k >= 1 candidates per step "
+                             "(its paper uses top_k=4)")
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether any repetition remedy other than contrastive search is on for some row."""
+        return (_any(self.repetition_penalty, lambda p: p != 1.0) or _any(self.no_repeat_ngram_size, lambda n: n > 0)
+                or _any(self.presence_penalty, lambda p: p != 0.0) or _any(self.frequency_penalty, lambda p: p != 0.0))
+
+    @property
+    def contrastive(self) -> bool:
+        """Whether the batch decodes by contrastive search (penalty_alpha > 0 on some row)."""
+        return _any(self.penalty_alpha, lambda a: a > 0)
 
     @classmethod
     def greedy(cls) -> SamplingParams:
@@ -68,6 +96,11 @@ class SamplingParams:
             min_p=pick(self.min_p),
             typical_p=pick(self.typical_p),
             min_tokens_to_keep=self.min_tokens_to_keep,
+            repetition_penalty=pick(self.repetition_penalty),
+            no_repeat_ngram_size=int(pick(self.no_repeat_ngram_size)),
+            presence_penalty=pick(self.presence_penalty),
+            frequency_penalty=pick(self.frequency_penalty),
+            penalty_alpha=pick(self.penalty_alpha),
         )
 
     def resolve(self, logits: torch.Tensor) -> ResolvedParams:
@@ -231,6 +264,51 @@ def check_typical_p(value: Param) -> None:
     for p in _values(value):
         if not 0.0 < p <= 1.0:
             raise ValueError(f"typical_p must be in (0, 1] (1 turns it off), got {p}")
+
+
+def check_repetition_penalty(value: Param) -> None:
+    """Raise ValueError unless every repetition_penalty is a finite number > 0."""
+    for p in _values(value):
+        if not p > 0 or math.isinf(p):
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0 (1 turns it off, > 1 discourages repeats), got {p:g}"
+            )
+
+
+def check_no_repeat_ngram_size(value: Param) -> None:
+    """Raise ValueError unless every no_repeat_ngram_size is a whole number >= 0."""
+    for n in _values(value):
+        if not n >= 0 or math.isinf(n) or n != int(n):
+            raise ValueError(f"no_repeat_ngram_size must be a whole number >= 0 (0 turns it off), got {n:g}")
+
+
+def check_presence_or_frequency(name: str, value: Param) -> None:
+    """Raise ValueError unless every value of `name` (presence_penalty, frequency_penalty) lies in [-2, 2]."""
+    for p in _values(value):
+        if not -2.0 <= p <= 2.0:
+            raise ValueError(f"{name} must be in [-2, 2] (0 turns it off, > 0 discourages repeats), got {p:g}")
+
+
+def check_penalty_alpha(value: Param) -> None:
+    """Raise ValueError unless every penalty_alpha lies in [0, 1]."""
+    for a in _values(value):
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"penalty_alpha must be in [0, 1] (0 turns contrastive search off; its paper uses 0.6), got {a:g}")
+
+
+def per_row(value: Param, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A parameter as a `[batch, 1]` column: one value broadcast, or one value per row."""
+    batch = logits.shape[0]
+    column = torch.as_tensor(value, dtype=dtype, device=logits.device).reshape(-1, 1)
+    if column.shape[0] == 1:
+        return column.expand(batch, 1)
+    if column.shape[0] != batch:
+        raise ValueError(f"got {column.shape[0]} per-row values for a batch of {batch} rows")
+    return column
+
+
+def _any(value: Param, test) -> bool:
+    return any(test(v) for v in _values(value))
 
 
 # The filters, in the order the pipeline applies them. Each public filter resolves its own

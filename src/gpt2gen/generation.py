@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .constraints import Constraint, TokenMask
 from .loading import context_length
 from .sampling import SamplingParams, select_tokens
 
@@ -38,7 +39,9 @@ class GenerationResult:
     prompt_length: int
     texts: list[str]  # the new text of each row, special tokens removed
     new_tokens: list[list[int]]  # each row's new tokens, up to and including its EOS
-    finish_reasons: list[str]  # "eos", "length" (max_new_tokens) or "context" (context length)
+    # "eos", "length" (max_new_tokens) or "context" (context length); under a constraint,
+    # "incomplete" when the row was cut before its text matched the pattern in full
+    finish_reasons: list[str]
     logits: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab], if asked
     scores: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab], if asked
 
@@ -77,12 +80,15 @@ def decode_steps(
     pad_token_id: int | None = None,
     use_cache: bool = True,
     fused: bool = True,
+    mask: TokenMask | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
 
     With `use_cache` the prompt is run once and each later step feeds only the new token, reusing
     the keys and values of earlier positions (`DynamicCache`); without it every step re-runs the
     whole sequence (for comparison only: same tokens, much slower).
+    A `mask` (constrained decoding) forbids tokens before every other processing step and
+    follows each row's chosen token.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -116,8 +122,10 @@ def decode_steps(
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
-        tokens, scores = select_tokens(logits, params, generator, fused)
+        tokens, scores = select_tokens(logits if mask is None else mask(logits), params, generator, fused)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+        if mask is not None:
+            mask.advance(tokens)
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
         yield Step(tokens=tokens, logits=logits, scores=scores, finished=~unfinished)
@@ -128,6 +136,20 @@ def decode_steps(
         next_positions = next_positions[:, -1:] + 1
         position_ids = torch.cat([position_ids, next_positions], dim=-1)
         next_input = tokens[:, None]
+
+
+def constraint_mask(
+    model: PreTrainedModel, constraint: Constraint | Sequence[Constraint | None] | None, batch: int, eos: int | None
+) -> TokenMask | None:
+    """The `TokenMask` for a batch: one constraint for every row, or one per row; None without one."""
+    if constraint is None:
+        return None
+    rows = [constraint] * batch if isinstance(constraint, Constraint) else list(constraint)
+    if len(rows) != batch:
+        raise ValueError(f"got {len(rows)} constraints for {batch} prompts: give one, or one per prompt")
+    if eos is None:
+        raise ValueError("a constrained text ends with the end-of-text token: keep stop_at_eos=True")
+    return TokenMask(rows, model.config.vocab_size, model.device)
 
 
 def generate(
@@ -142,6 +164,7 @@ def generate(
     output_scores: bool = False,
     progress: bool = False,
     fused: bool = True,
+    constraint: Constraint | Sequence[Constraint | None] | None = None,
 ) -> GenerationResult:
     """Generate a continuation of each prompt as one batch; `params` may hold one value per prompt.
 
@@ -150,13 +173,16 @@ def generate(
     step's raw logits and processed scores, for plots. `fused` computes top-p on the top-k
     survivors when both are set (same scores, faster); `use_cache=False` re-runs the whole sequence
     at every step (same tokens, slower); both switches exist to measure what they save.
+    `constraint` (see `constraints.py`), one for all rows or one per row (None: free), makes each
+    row's text match its pattern in full: only rows that ended with EOS are complete matches.
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
     eos = tokenizer.eos_token_id if stop_at_eos else None
+    mask = constraint_mask(model, constraint, input_ids.shape[0], eos)
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, fused=fused,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, fused=fused, mask=mask,
     )
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
@@ -175,6 +201,8 @@ def generate(
         new_tokens.append(row[:end])
     reached_context = input_ids.shape[1] + new.shape[1] >= context_length(model)
     reasons = ["eos" if done else "context" if reached_context else "length" for done in finished.tolist()]
+    if mask is not None:
+        reasons = [r if ok else "incomplete" for r, ok in zip(reasons, mask.accepting().tolist())]
     return GenerationResult(
         sequences=torch.cat([input_ids, new], dim=1),
         prompt_length=input_ids.shape[1],
@@ -233,6 +261,7 @@ def stream(
     params: SamplingParams = SamplingParams(),
     max_new_tokens: int = 50,
     seed: int | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[StreamChunk]:
     """Generate for one prompt and yield each token's text as soon as it is complete.
 
@@ -245,6 +274,7 @@ def stream(
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        mask=constraint_mask(model, constraint, 1, tokenizer.eos_token_id),
     )
     last: StreamChunk | None = None
     for step in steps:

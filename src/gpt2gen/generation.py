@@ -78,18 +78,48 @@ def decode_steps(
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
-    use_cache: bool = True,
-    fused: bool = True,
     mask: TokenMask | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
 
-    With `use_cache` the prompt is run once and each later step feeds only the new token, reusing
-    the keys and values of earlier positions (`DynamicCache`); without it every step re-runs the
-    whole sequence (for comparison only: same tokens, much slower).
-    A `mask` (constrained decoding) forbids tokens before every other processing step and
-    follows each row's chosen token.
+    The prompt is run once; each later step feeds only the new token and reuses the keys and
+    values of earlier positions from a KV cache (`DynamicCache`). A `mask` (constrained decoding,
+    `constraints.TokenMask`) forbids tokens before every warper and follows each row's token.
     """
+    return _decode(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+                   cached=True, mask=mask)
+
+
+def decode_steps_without_cache(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 50,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Iterator[Step]:
+    """`decode_steps` without a KV cache, to show what the cache saves: every step re-runs the whole sequence.
+
+    The same tokens as `decode_steps`, ever slower as the text grows (notebooks 02 and 05 time both).
+    """
+    return _decode(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+                   cached=False)
+
+
+def _decode(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    params: SamplingParams,
+    max_new_tokens: int,
+    generator: torch.Generator | None,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    cached: bool,
+    mask: TokenMask | None = None,
+) -> Iterator[Step]:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     limit = context_length(model)
@@ -98,6 +128,12 @@ def decode_steps(
             f"the prompt is {input_ids.shape[1]} tokens long but the model's context holds {limit} tokens "
             "in all: shorten the prompt to leave room for new tokens"
         )
+    return _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+                  cached, limit, mask)
+
+
+def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+           cached, limit, mask) -> Iterator[Step]:
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if pad_token_id is None:
@@ -107,22 +143,22 @@ def decode_steps(
     # Like `generate`, pass no mask when nothing is padded (a faster attention path).
     padded = not bool(attention_mask.all())
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache = DynamicCache() if use_cache else None
+    cache = DynamicCache() if cached else None
     sequence, next_input, next_positions = input_ids, input_ids, position_ids
 
     for _ in range(min(max_new_tokens, limit - input_ids.shape[1])):
         with torch.inference_mode():
             out = model(
-                input_ids=next_input if use_cache else sequence,
+                input_ids=next_input if cached else sequence,
                 attention_mask=attention_mask if padded else None,
-                position_ids=next_positions if use_cache else position_ids,
+                position_ids=next_positions if cached else position_ids,
                 past_key_values=cache,
-                use_cache=use_cache,
+                use_cache=cached,
                 logits_to_keep=1,
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
-        tokens, scores = select_tokens(logits if mask is None else mask(logits), params, generator, fused)
+        tokens, scores = select_tokens(logits if mask is None else mask(logits), params, generator)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
         if mask is not None:
             mask.advance(tokens)
@@ -159,22 +195,18 @@ def generate(
     params: SamplingParams = SamplingParams(),
     max_new_tokens: int = 50,
     seed: int | None = None,
-    use_cache: bool = True,
     stop_at_eos: bool = True,
     output_scores: bool = False,
     progress: bool = False,
-    fused: bool = True,
     constraint: Constraint | Sequence[Constraint | None] | None = None,
 ) -> GenerationResult:
     """Generate a continuation of each prompt as one batch; `params` may hold one value per prompt.
 
     `seed` makes sampling reproducible (the same seed and settings give the same text, and the
     same tokens as `torch.manual_seed(seed); model.generate(...)`). `output_scores` keeps each
-    step's raw logits and processed scores, for plots. `fused` computes top-p on the top-k
-    survivors when both are set (same scores, faster); `use_cache=False` re-runs the whole sequence
-    at every step (same tokens, slower); both switches exist to measure what they save.
-    `constraint` (see `constraints.py`), one for all rows or one per row (None: free), makes each
-    row's text match its pattern in full: only rows that ended with EOS are complete matches.
+    step's raw logits and processed scores, for plots. `constraint` (see `constraints.py`), one
+    for all rows or one per row (None: free), makes each row's text match its pattern in full;
+    a row cut before it matched has the finish reason "incomplete".
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
@@ -182,7 +214,7 @@ def generate(
     mask = constraint_mask(model, constraint, input_ids.shape[0], eos)
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, fused=fused, mask=mask,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, mask=mask,
     )
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []

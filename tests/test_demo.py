@@ -8,12 +8,11 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 
-from gpt2gen.demo import DemoInputError, build_app, chart_frame, compare, launch, make_request, stream_updates
+from gpt2gen.demo import DemoInputError, chart_frame, compare, launch, make_request, stream_updates
 from gpt2gen.generation import generate
 from gpt2gen.loading import LoadedModel, load_model
 from gpt2gen.sampling import SamplingParams, process_logits

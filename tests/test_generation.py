@@ -181,3 +181,43 @@ def test_incremental_decoding_never_emits_half_a_character(tokenizer):
     fox = tokenizer(" 🦊").input_ids
     decoder = IncrementalDecoder(tokenizer)
     assert [decoder.push(i) for i in fox] == [""] * (len(fox) - 1) + [" 🦊"]
+
+
+def test_input_ids_on_another_device_are_moved_to_the_models(tokenizer):
+    """The meta device stands in for a GPU here: the loop moves the prompt to the model's device."""
+    model = tiny_gpt2().to("meta")
+    input_ids, _ = encode_prompts(tokenizer, PROMPTS[0], torch.device("cpu"))
+    step = next(decode_steps(model, input_ids, None, SamplingParams.greedy(), 1))
+    assert step.tokens.device == model.device
+
+
+def test_a_generator_on_another_device_is_a_clear_error(tokenizer):
+    model = tiny_gpt2().to("meta")
+    input_ids, _ = encode_prompts(tokenizer, PROMPTS[0], torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"the random generator is on cpu but the model on meta: .*torch.Generator\(device='meta'\)"):
+        decode_steps(model, input_ids, None, SamplingParams(), 1, torch.Generator().manual_seed(0))
+
+
+def test_a_stream_that_ends_inside_a_character(tokenizer):
+    """One chunk per token, even when the text ends inside a character (U+FFFD there, as `decode` gives)."""
+    partial = tokenizer(" 🦊").input_ids[0]  # the first bytes of the fox emoji, not a character alone
+    assert tokenizer.decode([partial]).endswith("\ufffd")
+    model = tiny_gpt2()
+    head = torch.nn.Linear(model.config.n_embd, model.config.vocab_size, bias=True)
+    with torch.no_grad():  # a model that always says `partial`
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[partial] = 1e3
+    model.lm_head = head
+    chunks = list(stream(model, tokenizer, "Hello", SamplingParams.greedy(), max_new_tokens=3))
+    expected = generate(model, tokenizer, "Hello", SamplingParams.greedy(), max_new_tokens=3)
+    assert [c.token_id for c in chunks] == expected.new_tokens[0] == [partial] * 3
+    assert "".join(c.text for c in chunks) == expected.texts[0] and expected.texts[0].endswith("\ufffd")
+
+
+def test_incremental_decoding_holds_back_an_unfinished_character_to_the_end(tokenizer):
+    fox = tokenizer(" 🦊").input_ids
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in fox[:-1]]
+    assert pieces == [""] * (len(fox) - 1) and not decoder.complete
+    assert decoder.flush() == tokenizer.decode(fox[:-1]) and decoder.flush() == ""

@@ -249,3 +249,70 @@ def test_fused_path_is_taken_on_real_sized_logits():
     assert same(fused, top_p_filter(top_k_filter(logits, [50, 10, 200, 1]), [0.9, 0.5, 1.0, 0.0]))
     assert fused_top_k_top_p(logits, [50, 0, 10, 10], 0.9) is None  # a row without top-k
     assert fused_top_k_top_p(EXAMPLE, 3, 0.9) is None  # tie at the 3rd value keeps 4 tokens
+
+
+def test_fused_filter_at_the_nucleus_boundary_of_the_issue():
+    """1 - top_p within an ulp of a cumulative probability: the two filters keep 4 tokens, and so must we."""
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(2))
+    top_p = 0.8751409500837326
+    reference = top_p_filter(top_k_filter(logits, 5), top_p)
+    assert kept(reference) == kept(TopPLogitsWarper(top_p)(NO_IDS, TopKLogitsWarper(5)(NO_IDS, logits)))
+    assert len(kept(reference)) == 4
+    fused = fused_top_k_top_p(logits, 5, top_p)
+    assert fused is None or same(fused, reference)
+    assert same(process_logits(logits, SamplingParams(top_k=5, top_p=top_p)), reference)
+
+
+@settings(max_examples=200, deadline=None)
+@given(logit_batches(max_vocab=200), st.integers(1, 60), keep_counts, st.data())
+def test_fused_filter_where_1_minus_top_p_meets_a_cumulative_probability(logits, top_k, keep, data):
+    """Choose top_p so that 1 - top_p lands on, or one float32 step beside, a cumulative sum the full sort sees."""
+    after_top_k = top_k_filter(logits, top_k, keep)
+    cumulative = after_top_k.sort().values.softmax(-1).cumsum(-1)
+    finite = cumulative[cumulative > 0]
+    target = finite[data.draw(st.integers(0, finite.numel() - 1))].reshape(1)
+    target = torch.nextafter(target, target + data.draw(st.sampled_from([-1.0, 0.0, 1.0])))
+    top_p = min(max(1.0 - float(target), 0.0), 1.0)
+    reference = top_p_filter(after_top_k, top_p, keep)
+    fused = fused_top_k_top_p(logits, top_k, top_p, keep)
+    assert fused is None or same(fused, reference)
+    assert same(process_logits(logits, SamplingParams(top_k=top_k, top_p=top_p, min_tokens_to_keep=keep)), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@settings(max_examples=100, deadline=None)
+@given(
+    logits=logit_batches(),
+    temperature=st.floats(0.05, 5.0),
+    top_k=st.integers(1, 60),
+    top_p=probabilities,
+    min_p=probabilities,
+    typical_p=st.floats(0.01, 0.99),
+    keep=keep_counts,
+)
+def test_every_warper_equals_transformers_in_16_bit_floats(dtype, logits, temperature, top_k, top_p, min_p, typical_p,
+                                                           keep):
+    logits = logits.to(dtype)
+    assert same(apply_temperature(logits, temperature), TemperatureLogitsWarper(temperature)(NO_IDS, logits))
+    assert same(top_k_filter(logits, top_k, keep), TopKLogitsWarper(top_k, min_tokens_to_keep=keep)(NO_IDS, logits))
+    if top_p < 1.0:
+        assert same(top_p_filter(logits, top_p, keep), TopPLogitsWarper(top_p, min_tokens_to_keep=keep)(NO_IDS, logits))
+    assert same(min_p_filter(logits, min_p, keep), MinPLogitsWarper(min_p, min_tokens_to_keep=keep)(NO_IDS, logits))
+    assert same(typical_filter(logits, typical_p, keep),
+                TypicalLogitsWarper(typical_p, min_tokens_to_keep=keep)(NO_IDS, logits))
+    # Per-row values: each row as the warper with that row's value.
+    rows = logits.shape[0]
+    temperatures = [temperature * (1 + i / 3) for i in range(rows)]
+    min_ps = [min_p * i / max(rows - 1, 1) for i in range(rows)]
+    per_row_t = apply_temperature(logits, temperatures)
+    per_row_m = min_p_filter(logits, min_ps, keep)
+    for i in range(rows):
+        assert same(per_row_t[i : i + 1], TemperatureLogitsWarper(temperatures[i])(NO_IDS, logits[i : i + 1]))
+        assert same(per_row_m[i : i + 1], MinPLogitsWarper(min_ps[i], min_tokens_to_keep=keep)(NO_IDS, logits[i : i + 1]))
+
+
+def test_temperature_on_float16_divides_by_the_python_float():
+    """The issue's example: 1.0 / 0.7 in float16 is 1.4287109375 in transformers, not 1.427734375."""
+    logits = torch.tensor([[1.0, 3.0]], dtype=torch.float16)
+    assert apply_temperature(logits, 0.7)[0, 0].item() == 1.4287109375
+    assert apply_temperature(logits.expand(2, 2), [0.7, 0.9])[0, 0].item() == 1.4287109375

@@ -1,6 +1,6 @@
 """Comparing decoding methods with numbers: a prompt set, bulk generation through `datasets`, a metrics table.
 
-Prompts come from `data/prompts.jsonl` (written for this repository, the offline default) or,
+Prompts come from the package's `data/prompts.jsonl` (written for this repository, the offline default) or,
 with `GPT2GEN_PROMPTS=wikitext` and internet, from WikiText-103, whose real continuations add a
 "Human text" reference row. Generation runs as `Dataset.map(batched=True)` with a progress bar, and
 each method's results are cached on disk under a name made of every setting that affects them, so
@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import datasets
@@ -24,9 +25,11 @@ from .beam import beam_search
 from .files import cache_root
 from .generation import generate
 from .loading import LoadedModel
+from .progress import progress_bars_off
 from .sampling import SamplingParams
 
-PROMPTS_FILE = Path(__file__).resolve().parents[2] / "data" / "prompts.jsonl"
+# Shipped inside the package, so that an installed copy (not only a checkout) finds them.
+DATA = resources.files("gpt2gen") / "data"
 PROMPTS_ENV_VAR = "GPT2GEN_PROMPTS"  # "local" (default) or "wikitext"
 STUDY_SIZE_ENV_VAR = "GPT2GEN_STUDY_SIZE"  # number of prompts; raise it for a real study
 DEFAULT_STUDY_SIZE = 16
@@ -76,19 +79,14 @@ def load_prompts(source: str | None = None, size: int | None = None, prompt_word
     """
     source = source or os.environ.get(PROMPTS_ENV_VAR, "local")
     size = size or study_size()
-    # Loading a 24-line file needs no progress bars (they would also vary in notebook outputs).
-    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
+    with progress_bars_off("datasets"):  # loading a 24-line file needs none
         return _load_prompts(source, size, prompt_words, human_words)
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
 
 
 def _load_prompts(source: str, size: int, prompt_words: int, human_words: int) -> datasets.Dataset:
     if source == "local":
-        data = datasets.load_dataset("json", data_files=str(PROMPTS_FILE), split="train")
+        with resources.as_file(DATA / "prompts.jsonl") as path:
+            data = datasets.load_dataset("json", data_files=str(path), split="train")
         if size > len(data):
             raise ValueError(f"the local prompt set has {len(data)} prompts; {STUDY_SIZE_ENV_VAR}={size} is too many")
         data = data.select(range(size)).map(lambda row: {"human": None})
@@ -186,7 +184,6 @@ def run_study(loaded: LoadedModel, prompts: datasets.Dataset, methods: Sequence[
     return table, generations
 
 
-PAPER_TABLE_FILE = PROMPTS_FILE.with_name("holtzman2019_table1.json")
 # Our method -> the paper's closest row (settings differ where the names differ).
 PAPER_COUNTERPARTS = {
     HUMAN: "Human",
@@ -201,8 +198,8 @@ PAPER_COUNTERPARTS = {
 
 
 def paper_table() -> pd.DataFrame:
-    """Table 1 of Holtzman et al. (2019), as transcribed in data/holtzman2019_table1.json."""
-    data = json.loads(PAPER_TABLE_FILE.read_text())
+    """Table 1 of Holtzman et al. (2019), as transcribed in the package's data/holtzman2019_table1.json."""
+    data = json.loads((DATA / "holtzman2019_table1.json").read_text())
     return pd.DataFrame.from_dict(data["rows"], orient="index", columns=data["columns"])
 
 

@@ -10,6 +10,7 @@ time, so later loads take about a second and a changed source file is converted 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from .files import cache_root
+from .progress import progress_bars_off
 
 EMBEDDED_ALIAS = "embedded"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct"
@@ -65,19 +67,13 @@ def ensure_converted(progress: bool = True) -> Path:
 
     import safetensors.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     if progress:
         print(f"gpt2gen: preparing the embedded offline model for first use (about 20 s, once; cached in {target})",
               file=sys.stderr)
-    else:
-        hf_logging.disable_progress_bar()
-    try:
+    with contextlib.nullcontext() if progress else progress_bars_off():
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    finally:
-        if not progress:
-            hf_logging.enable_progress_bar()
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".embedded-", dir=target.parent))

@@ -13,12 +13,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers.decoders import DecodeStream
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .constraints import Constraint, TokenMask
 from .loading import context_length
-from .sampling import SamplingParams, select_tokens
+from .sampling import SamplingParams
 
 
 @dataclass
@@ -128,23 +129,32 @@ def _decode(
             f"the prompt is {input_ids.shape[1]} tokens long but the model's context holds {limit} tokens "
             "in all: shorten the prompt to leave room for new tokens"
         )
+    device = model.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"the random generator is on {generator.device} but the model on {device}: a generator cannot be "
+            f"moved; make it there, torch.Generator(device={str(device)!r}), or let generate() make it from a seed"
+        )
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     return _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
                   cached, limit, mask)
 
 
 def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
            cached, limit, mask) -> Iterator[Step]:
+    # Like `generate`, pass no mask when nothing is padded (a faster attention path).
+    padded = attention_mask is not None and not bool(attention_mask.all())
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
     # Position ids count only real tokens, so left padding does not shift the prompt.
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    # Like `generate`, pass no mask when nothing is padded (a faster attention path).
-    padded = not bool(attention_mask.all())
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     cache = DynamicCache() if cached else None
     sequence, next_input, next_positions = input_ids, input_ids, position_ids
+    resolved = None
 
     for _ in range(min(max_new_tokens, limit - input_ids.shape[1])):
         with torch.inference_mode():
@@ -158,14 +168,18 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
-        tokens, scores = select_tokens(logits if mask is None else mask(logits), params, generator)
-        tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+        allowed = logits if mask is None else mask(logits)  # forbidden tokens at -inf, before every warper
+        if resolved is None:
+            resolved = params.resolve(logits)  # once: later steps find the settings on the device
+        tokens, scores = resolved.select(allowed, generator)
+        tokens = torch.where(unfinished, tokens, pad_token_id)
         if mask is not None:
             mask.advance(tokens)
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
         yield Step(tokens=tokens, logits=logits, scores=scores, finished=~unfinished)
-        if not bool(unfinished.any()):
+        # The one wait for the device in a step: without EOS there is nothing to wait for.
+        if eos_token_id is not None and not bool(unfinished.any()):
             return
         sequence = torch.cat([sequence, tokens[:, None]], dim=-1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[:, None])], dim=-1)
@@ -260,30 +274,35 @@ class IncrementalDecoder:
     """Turns tokens into text as they arrive, never emitting half a character.
 
     Byte-level BPE can split one character (an emoji, an accented letter) over several tokens;
-    decoding them one by one would print U+FFFD. Like `TextIteratorStreamer`, this decodes all
-    tokens so far and holds text back while it ends in an incomplete character.
+    decoding them one by one would print U+FFFD. `tokenizers`' `DecodeStream` holds such bytes back
+    until the character is whole, and decodes only the newest tokens, so each token costs the same
+    however long the text already is.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self.tokens: list[int] = []
-        self.emitted = 0
+        self.emitted = 0  # characters returned so far
+        self.complete = True  # no bytes held back
 
     def push(self, token_id: int) -> str:
-        """Add one token; return the text that is now complete."""
+        """Add one token; return the text that is now complete (empty while a character is incomplete)."""
         self.tokens.append(token_id)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.emitted = text[self.emitted :], len(text)
-        return new
+        text = self._stream.step(self.tokenizer.backend_tokenizer, token_id)
+        self.complete = text is not None
+        text = text or ""
+        self.emitted += len(text)
+        return text
 
     def flush(self) -> str:
-        """Whatever is still held back at the end (an incomplete character decodes as U+FFFD)."""
+        """What is still held back at the end: an incomplete character decodes as U+FFFD, as in `decode`."""
+        if self.complete:
+            return ""
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
-        new, self.emitted = text[self.emitted :], len(text)
-        return new
+        rest, self.emitted, self.complete = text[self.emitted :], len(text), True
+        return rest
 
 
 def stream(
@@ -308,10 +327,20 @@ def stream(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         mask=constraint_mask(model, constraint, 1, tokenizer.eos_token_id),
     )
-    last: StreamChunk | None = None
+    # A token that ends inside a character has no text yet: its chunk waits for the next token
+    # (it shows nothing meanwhile), or, if it was the last, takes what the end brings.
+    held: StreamChunk | None = None
     for step in steps:
         token = int(step.tokens[0])
-        last = StreamChunk(decoder.push(token), token, step.logits[0], step.scores[0])
-        yield last
-    if last is not None and (rest := decoder.flush()):
-        yield StreamChunk(rest, last.token_id, last.logits, last.scores)
+        text = decoder.push(token)
+        if held is not None:
+            yield held
+        chunk = StreamChunk(text, token, step.logits[0], step.scores[0])
+        if decoder.complete:
+            held = None
+            yield chunk
+        else:
+            held = chunk
+    if held is not None:
+        held.text = decoder.flush()
+        yield held

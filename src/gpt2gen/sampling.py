@@ -2,11 +2,16 @@
 
 Greedy, temperature, top-k, top-p (nucleus), min-p and typical, with the semantics of
 `transformers`' `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`,
-`MinPLogitsWarper` and `TypicalLogitsWarper` (edge cases included), applied in the same order. Every parameter may be one value for the batch or one
-value per row, so samples with different settings share a batch. Filtered tokens get `-inf`.
+`MinPLogitsWarper` and `TypicalLogitsWarper` (edge cases included), applied in the same order.
+Every parameter may be one value for the batch or one value per row, so samples with different
+settings share a batch. Filtered tokens get `-inf`.
 
 Defaults are neutral (temperature 1.0, top_k 0 = off, top_p 1.0, min_p 0.0), unlike
 `model.generate`, which applies top_k=50 whenever it samples. Temperature 0 means greedy.
+
+The settings are validated once, when `SamplingParams` is made, and resolved once per batch
+(`SamplingParams.resolve`): which filters run is decided from the Python values, and per-row
+values become columns on the logits' device. A decoding step then never waits for the host.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 Param = float | int | Sequence[float] | Sequence[int] | torch.Tensor
 FILTER_VALUE = -math.inf
+MIN_TEMPERATURE = 0.01  # a stated floor: far below it logits / T overflow to inf and the probabilities to nan
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,6 @@ class SamplingParams:
     def greedy(cls) -> SamplingParams:
         return cls(temperature=0.0)
 
-    def greedy_rows(self, batch: int) -> torch.Tensor:
-        """Boolean `[batch]`: which rows decode greedily (temperature 0)."""
-        t = torch.as_tensor(_values(self.temperature), dtype=torch.float64)
-        return (t == 0).expand(batch) if t.numel() == 1 else t == 0
-
     def row(self, index: int) -> SamplingParams:
         """The settings of one row, as scalars."""
 
@@ -69,6 +70,120 @@ class SamplingParams:
             min_tokens_to_keep=self.min_tokens_to_keep,
         )
 
+    def resolve(self, logits: torch.Tensor) -> ResolvedParams:
+        """These settings for batches shaped like `logits` (`[batch, vocab]`, same dtype and device)."""
+        batch, vocab = logits.shape
+        dtype, device = logits.dtype, logits.device
+        keep = self.min_tokens_to_keep
+
+        def rows(value: Param) -> list[float]:
+            values = _values(value)
+            if len(values) not in (1, batch):
+                raise ValueError(f"got {len(values)} per-row values for a batch of {batch} rows")
+            return values * batch if len(values) == 1 else values
+
+        def column(values: list[float], column_dtype: torch.dtype) -> torch.Tensor:
+            # Rounded once from double precision on the host, then copied to the device once.
+            return torch.tensor(values, dtype=torch.float64).to(column_dtype).reshape(-1, 1).to(device)
+
+        def mask(flags: list[bool]) -> torch.Tensor | None:
+            return None if all(flags) else torch.tensor(flags, device=device).reshape(-1, 1)
+
+        def scalar_or_column(values: list[float]) -> float | torch.Tensor:
+            # One value stays a Python float: `scores / 0.7` is what the transformers warpers compute.
+            # Per-row values are divided or multiplied in float32 for float16/bfloat16 logits, the
+            # precision PyTorch uses for a Python float, then rounded back.
+            return values[0] if len(set(values)) == 1 else column(values, _compute_dtype(dtype))
+
+        temperatures = rows(self.temperature)
+        greedy_flags = [t == 0 for t in temperatures]
+        scales = [1.0 if t == 0 else t for t in temperatures]
+
+        top_k = top_k_width = None
+        ks = [int(k) for k in rows(self.top_k)]
+        if any(k > 0 for k in ks):
+            clamped = [min(max(k, keep), vocab) for k in ks]
+            top_k = Rows(torch.tensor(clamped, device=device).reshape(-1, 1), mask([k > 0 for k in ks]))
+            top_k_width = max(clamped)
+
+        top_ps = rows(self.top_p)
+        # 1 - p in double precision, then rounded once: what `cumulative <= (1 - top_p)` does for a float.
+        top_p = Rows(column([1.0 - p for p in top_ps], dtype), mask([p < 1.0 for p in top_ps])) \
+            if any(p < 1.0 for p in top_ps) else None
+        min_ps = rows(self.min_p)
+        typical_ps = rows(self.typical_p)
+        typical_p = Rows(column(typical_ps, dtype), mask([p < 1.0 for p in typical_ps])) \
+            if any(p < 1.0 for p in typical_ps) else None
+        return ResolvedParams(
+            temperature=None if all(t == 1.0 for t in scales) else scalar_or_column(scales),
+            greedy_rows=torch.tensor(greedy_flags, device=device) if any(greedy_flags) else None,
+            all_greedy=all(greedy_flags),
+            top_k=top_k,
+            top_k_width=top_k_width,
+            top_p=top_p,
+            min_p=scalar_or_column(min_ps) if any(m > 0.0 for m in min_ps) else None,
+            typical_p=typical_p,
+            min_tokens_to_keep=keep,
+            # The fused filter checks the data to know that it applies; on a CPU that costs nothing,
+            # on an accelerator it would make the host wait, and sorting the vocabulary is cheap there.
+            fused=top_k is not None and top_k.active is None and top_p is not None and device.type == "cpu",
+        )
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One setting for a batch: a `[batch, 1]` column on the logits' device, and which rows it acts on."""
+
+    column: torch.Tensor
+    active: torch.Tensor | None  # [batch, 1] bool; None: every row
+
+
+@dataclass(frozen=True)
+class ResolvedParams:
+    """`SamplingParams` resolved for one batch shape, dtype and device: `None` means "does nothing"."""
+
+    temperature: float | torch.Tensor | None  # a Python float when every row shares it
+    greedy_rows: torch.Tensor | None  # [batch] bool
+    all_greedy: bool
+    top_k: Rows | None  # k, at least min_tokens_to_keep and at most the vocabulary
+    top_k_width: int | None  # the largest k
+    top_p: Rows | None  # 1 - p, in the logits' dtype
+    min_p: float | torch.Tensor | None
+    typical_p: Rows | None
+    min_tokens_to_keep: int
+    fused: bool  # top-p runs on the top-k survivors (`fused_top_k_top_p`)
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """The whole pipeline, in `transformers`' order: temperature, top-k, top-p, min-p, typical."""
+        scores = _temperature(logits, self)
+        combined = _fused(scores, self) if self.fused else None
+        scores = _top_p(_top_k(scores, self), self) if combined is None else combined
+        return _typical(_min_p(scores, self), self)
+
+    def select(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens `[batch]` and the scores they were drawn from; see `select_tokens`."""
+        tokens = greedy(logits)
+        if self.all_greedy:
+            return tokens, logits  # nothing to warp, nothing to draw (like generate(do_sample=False))
+        scores = self.warp(logits)
+        probs = torch.softmax(scores, dim=-1)
+        sampled = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        if self.greedy_rows is None:
+            return sampled, scores
+        return torch.where(self.greedy_rows, tokens, sampled), scores
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision PyTorch computes in for `tensor * python_float`: float32 for 16-bit floats."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _scaled(values: torch.Tensor, factor: float | torch.Tensor, divide: bool) -> torch.Tensor:
+    if isinstance(factor, float):
+        return values / factor if divide else values * factor
+    wide = values.to(factor.dtype)
+    return (wide / factor if divide else wide * factor).to(values.dtype)
+
 
 # Validation: once, when the parameters are made.
 
@@ -82,17 +197,20 @@ def _values(value: Param) -> list[float]:
 
 
 def check_temperature(value: Param) -> None:
-    """Raise ValueError unless every temperature is a number >= 0."""
+    """Raise ValueError unless every temperature is 0 (greedy) or a finite number >= MIN_TEMPERATURE."""
     for t in _values(value):
         if not t >= 0 or math.isinf(t):  # `not >=` also catches NaN
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (tiny ones overflow the "
+                             f"probabilities; 0 gives their limit, greedy decoding), got {t:g}")
 
 
 def check_top_k(value: Param) -> None:
     """Raise ValueError unless every top_k is a whole number >= 0."""
     for k in _values(value):
         if not k >= 0 or math.isinf(k) or k != int(k):
-            raise ValueError(f"top_k must be a whole number >= 0 (0 turns top-k off), got {k}")
+            raise ValueError(f"top_k must be a whole number >= 0 (0 turns top-k off), got {k:g}")
 
 
 def check_probability(name: str, value: Param, neutral: float) -> None:
@@ -115,18 +233,8 @@ def check_typical_p(value: Param) -> None:
             raise ValueError(f"typical_p must be in (0, 1] (1 turns it off), got {p}")
 
 
-def per_row(value: Param, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A parameter as a `[batch, 1]` column: one value broadcast, or one value per row."""
-    batch = logits.shape[0]
-    column = torch.as_tensor(value, dtype=dtype, device=logits.device).reshape(-1, 1)
-    if column.shape[0] == 1:
-        return column.expand(batch, 1)
-    if column.shape[0] != batch:
-        raise ValueError(f"got {column.shape[0]} per-row values for a batch of {batch} rows")
-    return column
-
-
-# The filters, in the order the pipeline applies them.
+# The filters, in the order the pipeline applies them. Each public filter resolves its own
+# setting; the pipeline resolves all of them once and calls the private steps.
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -140,28 +248,25 @@ def apply_temperature(logits: torch.Tensor, temperature: Param) -> torch.Tensor:
     Rows with temperature 0 are greedy; they are left unscaled here and `select_tokens` takes
     their argmax.
     """
-    check_temperature(temperature)
-    t = per_row(temperature, logits, torch.float64)
-    if bool((t == 1.0).all()):
-        return logits
-    # Dividing by a float32 copy of the value is what `scores / temperature` does for a Python float.
-    t = torch.where(t == 0, torch.ones_like(t), t).to(logits.dtype)
-    return logits / t
+    return _temperature(logits, SamplingParams(temperature=temperature).resolve(logits))
+
+
+def _temperature(logits: torch.Tensor, r: ResolvedParams) -> torch.Tensor:
+    return logits if r.temperature is None else _scaled(logits, r.temperature, divide=True)
 
 
 def top_k_filter(logits: torch.Tensor, top_k: Param, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Keep the k highest logits of each row (ties with the k-th are kept too); k = 0 keeps all."""
-    check_top_k(top_k)
-    check_min_tokens_to_keep(min_tokens_to_keep)
-    k = per_row(top_k, logits, torch.long)
-    active = k > 0
-    if not bool(active.any()):
+    return _top_k(logits, SamplingParams(top_k=top_k, min_tokens_to_keep=min_tokens_to_keep).resolve(logits))
+
+
+def _top_k(logits: torch.Tensor, r: ResolvedParams) -> torch.Tensor:
+    if r.top_k is None:
         return logits
-    vocab = logits.shape[-1]
-    k = k.clamp(min=min_tokens_to_keep, max=vocab)
-    top_values = torch.topk(logits, int(k.max())).values
-    kth_value = top_values.gather(-1, k - 1)
-    remove = (logits < kth_value) & active
+    kth_value = torch.topk(logits, r.top_k_width).values.gather(-1, r.top_k.column - 1)
+    remove = logits < kth_value
+    if r.top_k.active is not None:
+        remove &= r.top_k.active
     return logits.masked_fill(remove, FILTER_VALUE)
 
 
@@ -171,35 +276,37 @@ def top_p_filter(logits: torch.Tensor, top_p: Param, min_tokens_to_keep: int = 1
     As in `transformers`, tokens are sorted ascending and those whose cumulative probability is
     <= 1 - p are removed; p = 1 keeps all, p = 0 keeps only the best token.
     """
-    check_probability("top_p", top_p, neutral=1.0)
-    check_min_tokens_to_keep(min_tokens_to_keep)
-    p = per_row(top_p, logits, torch.float64)
-    active = p < 1.0
-    if not bool(active.any()):
+    return _top_p(logits, SamplingParams(top_p=top_p, min_tokens_to_keep=min_tokens_to_keep).resolve(logits))
+
+
+def _top_p(logits: torch.Tensor, r: ResolvedParams) -> torch.Tensor:
+    if r.top_p is None:
         return logits
     sorted_logits, sorted_indices = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    # 1 - p in double precision, then rounded once: what `cumulative <= (1 - top_p)` does for a float.
-    sorted_remove = cumulative <= (1.0 - p).to(logits.dtype)
-    sorted_remove[..., -min_tokens_to_keep:] = False
-    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove) & active
+    sorted_remove = cumulative <= r.top_p.column
+    sorted_remove[..., -r.min_tokens_to_keep :] = False
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    if r.top_p.active is not None:
+        remove &= r.top_p.active
     return logits.masked_fill(remove, FILTER_VALUE)
 
 
 def min_p_filter(logits: torch.Tensor, min_p: Param, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Keep tokens whose probability is at least min_p times the top token's; 0 keeps all."""
-    check_probability("min_p", min_p, neutral=0.0)
-    check_min_tokens_to_keep(min_tokens_to_keep)
-    m = per_row(min_p, logits, torch.float64)
-    active = m > 0.0
-    if not bool(active.any()):
+    return _min_p(logits, SamplingParams(min_p=min_p, min_tokens_to_keep=min_tokens_to_keep).resolve(logits))
+
+
+def _min_p(logits: torch.Tensor, r: ResolvedParams) -> torch.Tensor:
+    if r.min_p is None:
         return logits
     probs = torch.softmax(logits, dim=-1)
-    threshold = m.to(logits.dtype) * probs.amax(dim=-1, keepdim=True)
+    # A row with min_p 0 gets threshold 0, which removes nothing.
+    threshold = _scaled(probs.amax(dim=-1, keepdim=True), r.min_p, divide=False)
     remove = probs < threshold
-    keep = torch.topk(probs, min(min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
+    keep = torch.topk(probs, min(r.min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
     remove.scatter_(-1, keep, False)
-    return logits.masked_fill(remove & active, FILTER_VALUE)
+    return logits.masked_fill(remove, FILTER_VALUE)
 
 
 def typical_filter(logits: torch.Tensor, typical_p: Param, min_tokens_to_keep: int = 1) -> torch.Tensor:
@@ -208,21 +315,23 @@ def typical_filter(logits: torch.Tensor, typical_p: Param, min_tokens_to_keep: i
     Tokens are ranked by |-log p_i - H| and kept, in that order, until their probability reaches
     typical_p; 1 keeps all. The most likely token can be cut when it is far more predictable than usual.
     """
-    check_typical_p(typical_p)
-    check_min_tokens_to_keep(min_tokens_to_keep)
-    mass = per_row(typical_p, logits, torch.float64)
-    active = mass < 1.0
-    if not bool(active.any()):
+    return _typical(logits, SamplingParams(typical_p=typical_p, min_tokens_to_keep=min_tokens_to_keep).resolve(logits))
+
+
+def _typical(logits: torch.Tensor, r: ResolvedParams) -> torch.Tensor:
+    if r.typical_p is None:
         return logits
     log_probs = torch.log_softmax(logits, dim=-1)
     entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
     distance = torch.abs(-log_probs - entropy)
     sorted_distance, sorted_indices = torch.sort(distance, descending=False)
     cumulative = logits.gather(-1, sorted_indices).softmax(dim=-1).cumsum(dim=-1)
-    last = (cumulative < mass.to(logits.dtype)).sum(dim=1).clamp(max=logits.shape[-1] - 1)
+    last = (cumulative < r.typical_p.column).sum(dim=1).clamp(max=logits.shape[-1] - 1)
     sorted_remove = sorted_distance > sorted_distance.gather(1, last.view(-1, 1))
-    sorted_remove[..., :min_tokens_to_keep] = False
-    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove) & active
+    sorted_remove[..., : r.min_tokens_to_keep] = False
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    if r.typical_p.active is not None:
+        remove &= r.typical_p.active
     return logits.masked_fill(remove, FILTER_VALUE)
 
 
@@ -237,16 +346,19 @@ def fused_top_k_top_p(
     After top-k every other token is -inf: it adds exactly 0 to the softmax sum and to the
     cumulative sum, so top-p needs only the k survivors, sorted, instead of a sort of the whole
     vocabulary. The result is bit-for-bit that of `top_p_filter(top_k_filter(...))` (tested).
-    It does not apply when a row has top-k off or when logits tie (exact ties are rare in real logits).
+    It does not apply when a row has top-k off, when logits tie (exact ties are rare in real
+    logits), or when a cumulative probability lies within rounding of 1 - p: the softmax over the
+    whole vocabulary adds the same k numbers in another order, so its last bits can differ, and
+    there that difference could decide whether a token stays.
     """
-    check_top_k(top_k)
-    check_probability("top_p", top_p, neutral=1.0)
-    check_min_tokens_to_keep(min_tokens_to_keep)
-    k = per_row(top_k, logits, torch.long)
-    if not bool((k > 0).all()):
+    params = SamplingParams(top_k=top_k, top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)
+    return _fused(logits, params.resolve(logits))
+
+
+def _fused(logits: torch.Tensor, r: ResolvedParams) -> torch.Tensor | None:
+    if r.top_k is None or r.top_k.active is not None:
         return None
-    k = k.clamp(min=min_tokens_to_keep, max=logits.shape[-1])
-    width = int(k.max())
+    k, width = r.top_k.column, r.top_k_width
     values, indices = torch.topk(logits, width)  # descending
     kth_value = values.gather(-1, k - 1)
     survivors = (values >= kth_value) & (torch.arange(width, device=logits.device) < k)
@@ -255,13 +367,23 @@ def fused_top_k_top_p(
     if bool(((values[..., 1:] == values[..., :-1]) & survivors[..., 1:]).any()):
         return None  # tied survivors: their order, and so the nucleus, would follow another sort
     values = values.masked_fill(~survivors, FILTER_VALUE).flip(-1)  # ascending, like the full sort
-    indices = indices.flip(-1)
-    p = per_row(top_p, logits, torch.float64)
-    cumulative = values.softmax(dim=-1).cumsum(dim=-1)
-    remove = (cumulative <= (1.0 - p).to(logits.dtype)) & (p < 1.0)
-    remove[..., -min_tokens_to_keep:] = False
-    out = torch.full_like(logits, FILTER_VALUE)
-    return out.scatter(1, indices, values.masked_fill(remove, FILTER_VALUE))
+    indices, survivors = indices.flip(-1), survivors.flip(-1)
+    if r.top_p is not None:
+        cumulative = values.softmax(dim=-1).cumsum(dim=-1)
+        # Two sums of the same `width` numbers differ by at most about width * eps each way.
+        margin = 4 * width * torch.finfo(logits.dtype).eps
+        near = ((cumulative - r.top_p.column).abs() <= margin) & survivors
+        if r.top_p.active is not None:
+            near &= r.top_p.active
+        near[..., -r.min_tokens_to_keep :] = False  # kept whatever their sum
+        if bool(near.any()):
+            return None
+        remove = cumulative <= r.top_p.column
+        if r.top_p.active is not None:
+            remove &= r.top_p.active
+        remove[..., -r.min_tokens_to_keep :] = False
+        values = values.masked_fill(remove, FILTER_VALUE)
+    return torch.full_like(logits, FILTER_VALUE).scatter(1, indices, values)
 
 
 # The pipeline.
@@ -273,21 +395,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     Where both top-k and top-p are set, top-p runs on the k survivors only (`fused_top_k_top_p`):
     the same scores, faster.
     """
-    keep = params.min_tokens_to_keep
-    scores = apply_temperature(logits, params.temperature)
-    both = _any(params.top_k, lambda k: k > 0) and _any(params.top_p, lambda p: p < 1.0)
-    combined = fused_top_k_top_p(scores, params.top_k, params.top_p, keep) if both else None
-    if combined is None:
-        scores = top_k_filter(scores, params.top_k, keep)
-        scores = top_p_filter(scores, params.top_p, keep)
-    else:
-        scores = combined
-    scores = min_p_filter(scores, params.min_p, keep)
-    return typical_filter(scores, params.typical_p, keep)
-
-
-def _any(value: Param, test) -> bool:
-    return any(test(v) for v in _values(value))
+    return params.resolve(logits).warp(logits)
 
 
 def select_tokens(
@@ -296,15 +404,7 @@ def select_tokens(
     """Pick one token per row: argmax for greedy rows, a draw from the warped distribution otherwise.
 
     Returns the tokens `[batch]` and the processed scores `[batch, vocab]` (the raw logits when every
-    row is greedy). The draw is one
-    `torch.multinomial` call over the whole batch, as `model.generate` makes it, so a seeded
-    generator reproduces `generate`'s tokens.
+    row is greedy). The draw is one `torch.multinomial` call over the whole batch, as
+    `model.generate` makes it, so a seeded generator reproduces `generate`'s tokens.
     """
-    greedy_rows = params.greedy_rows(logits.shape[0]).to(logits.device)
-    tokens = greedy(logits)
-    if bool(greedy_rows.all()):
-        return tokens, logits  # nothing to warp, nothing to draw (like generate(do_sample=False))
-    scores = process_logits(logits, params)
-    probs = torch.softmax(scores, dim=-1)
-    sampled = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-    return torch.where(greedy_rows, tokens, sampled), scores
+    return params.resolve(logits).select(logits, generator)

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from outlines_core import Index, Vocabulary as OutlinesVocabulary
+from outlines_core import Index
+from outlines_core import Vocabulary as OutlinesVocabulary
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,10 +73,10 @@ def index_builds(tokenizer, repeats: int) -> list[dict]:
     theirs_vocabulary = OutlinesVocabulary(vocabulary.eos_token_id, tokens)
     rows = []
     for name, pattern in PATTERNS.items():
-        ours, theirs = alternate(lambda: build_token_index(regex_automaton(pattern), vocabulary),
-                                 lambda: Index(pattern, theirs_vocabulary), repeats)
+        ours, theirs = alternate(lambda p=pattern: build_token_index(regex_automaton(p), vocabulary),
+                                 lambda p=pattern: Index(p, theirs_vocabulary), repeats)
         token_index(pattern, tokenizer)  # make sure it is cached
-        cached = min(_timed(lambda: token_index(pattern, tokenizer)) for _ in range(repeats))
+        cached = min(_timed(lambda p=pattern: token_index(p, tokenizer)) for _ in range(repeats))
         states = token_index(pattern, tokenizer).num_states
         rows.append({"pattern": name, "states": states, "ours_s": ours, "outlines_core_s": theirs,
                      "ours_over_outlines": ours / theirs, "cached_load_s": cached})

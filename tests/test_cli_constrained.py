@@ -7,9 +7,9 @@ import re
 
 import jsonschema
 import pytest
+from test_cli import run_cli, texts_of
 
 from gpt2gen.cli import main
-from test_cli import run_cli, texts_of
 
 
 def test_regex_end_to_end(tiny_model_dir, tmp_path):

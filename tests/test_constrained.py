@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from gpt2gen.constraints import (
-    TokenMask, UnsatisfiablePattern, json_schema_constraint, json_schema_regex, regex_constraint,
+    TokenMask,
+    UnsatisfiablePattern,
+    json_schema_constraint,
+    json_schema_regex,
+    regex_constraint,
 )
 from gpt2gen.generation import generate, stream
 from gpt2gen.sampling import SamplingParams, process_logits

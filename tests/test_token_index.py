@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from outlines_core import Index, Vocabulary as OutlinesVocabulary
+from outlines_core import Index
+from outlines_core import Vocabulary as OutlinesVocabulary
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 

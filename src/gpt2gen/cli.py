@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import random
 import re
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from .files import check_writable, write_json_atomic
 
 if TYPE_CHECKING:
+    from .constraints import Constraint
     from .loading import LoadedModel
 
 # This module imports torch, transformers and Lightning only inside functions, so that an
@@ -103,6 +105,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     remedies.add_argument("--penalty_alpha", type=float, default=None,
                           help="contrastive search: weight in [0, 1] of the degeneration penalty, with --top_k "
                                "candidates per step (its paper: --penalty_alpha 0.6 --top_k 4); deterministic")
+    structured = parser.add_mutually_exclusive_group()
+    structured.add_argument("--regex", default=None,
+                            help="constrained decoding: every sample's new text must match this regular expression "
+                                 "in full (Python re syntax, no look-arounds); runs on one device")
+    structured.add_argument("--json_schema", default=None, metavar="FILE",
+                            help="constrained decoding: every sample's new text must be JSON valid under the JSON "
+                                 "Schema in FILE; runs on one device")
     return parser
 
 
@@ -194,6 +203,11 @@ def validate(args: argparse.Namespace) -> Path | None:
         check_remedies(args)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from exc
+    if args.json_schema is not None:
+        read_schema(args.json_schema)
+    if args.penalty_alpha and (args.regex is not None or args.json_schema is not None):
+        raise UsageError("--penalty_alpha (contrastive search) does not take --regex or --json_schema: "
+                         "constrain greedy decoding or sampling instead")
     if args.output_json is None:
         return None
     try:
@@ -219,6 +233,41 @@ def check_remedies(args: argparse.Namespace) -> None:
                                          ("--temperature", args.temperature is not None),
                                          ("--top_p", args.top_p is not None)) if on]:
         raise ValueError(f"penalty_alpha (contrastive search) is deterministic: {sampled[0]} has no effect with it")
+
+
+def read_schema(path: str) -> str:
+    """The text of the --json_schema file; a UsageError if it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--json_schema: cannot read {path!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
+def build_constraint(args: argparse.Namespace, loaded: LoadedModel) -> Constraint | None:
+    """The --regex or --json_schema constraint for the loaded tokenizer; a UsageError if it cannot be met."""
+    from .constraints import json_schema_constraint, regex_constraint
+
+    try:
+        if args.regex is not None:
+            return regex_constraint(args.regex, loaded.tokenizer)
+        if args.json_schema is not None:
+            return json_schema_constraint(read_schema(args.json_schema), loaded.tokenizer)
+    except ValueError as exc:
+        raise UsageError(f"--{'regex' if args.regex is not None else 'json_schema'}: {exc}") from exc
+    return None
+
+
+def is_complete(constraint: Constraint, text: str) -> bool:
+    """Whether a sample's new text matches its constraint in full (checked again, independently of the mask)."""
+    if constraint.schema is None:
+        return re.fullmatch(constraint.pattern, text) is not None
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), constraint.schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def _temperature(args: argparse.Namespace) -> float:
@@ -277,7 +326,7 @@ class Output:
 
 def stream_texts(
     out: Output, loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int,
-    max_new_tokens: int, seed: int, keep_going: bool,
+    max_new_tokens: int, seed: int, keep_going: bool, constraint: Constraint | None = None,
 ) -> list[str]:
     """Samples one after another, each printed token by token; sample i uses seed + i.
 
@@ -290,7 +339,7 @@ def stream_texts(
         out.write(header(i, len(settings), setting))
         out.write(prompt or "", end="")
         pieces = []
-        for piece in stream_pieces(loaded, prompt, setting, top_k, max_new_tokens, seed + i):
+        for piece in stream_pieces(loaded, prompt, setting, top_k, max_new_tokens, seed + i, constraint):
             out.write(piece, end="")
             pieces.append(piece)
             if out.closed and not keep_going:
@@ -324,14 +373,15 @@ def chunk_rows(max_length: int) -> int:
 
 def generate_in_chunks(
     loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int, max_new_tokens: int,
-    seed: int, rows: int,
+    seed: int, rows: int, constraint: Constraint | None = None,
 ) -> list[str]:
     """All samples, `rows` at a time; chunk c draws with seed + c (one chunk: exactly `generate_texts`)."""
     from .samples import generate_texts
 
     texts: list[str] = []
     for chunk, start in enumerate(range(0, len(settings), rows)):
-        texts += generate_texts(loaded, prompt, settings[start:start + rows], top_k, max_new_tokens, seed + chunk)
+        texts += generate_texts(loaded, prompt, settings[start:start + rows], top_k, max_new_tokens, seed + chunk,
+                                constraint=constraint)
     return texts
 
 
@@ -355,13 +405,15 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
     if processes < request.count and not args.stream and not is_worker:
         print(f"gpt2gen: {args.num_samples} sample{'s' if args.num_samples > 1 else ''}, so "
               f"{processes} process{'es' if processes > 1 else ''} instead of {request.count}", file=sys.stderr)
-    multi = processes > 1 and not args.stream
+    constrained = args.regex is not None or args.json_schema is not None
+    multi = processes > 1 and not args.stream and not constrained
     device = "auto" if request.kind != "ids" else f"cuda:{request.ids[0]}"
     try:
         loaded = load_model(args.model_name, device=device, announce=not is_worker)
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from exc
     max_new_tokens, prompt_length = max_new_tokens_for(loaded, args.prompt, args.max_length)
+    constraint = build_constraint(args, loaded)
     settings = sample_settings(args.num_samples, args.use_temperature, args.use_nucleus, _temperature(args), _top_p(args))
     settings = [{**setting, **remedy_settings(args)} for setting in settings]
     rows = chunk_rows(args.max_length)
@@ -377,10 +429,11 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
     elif args.stream:
         out.write(f"model: {loaded.label}\n")
         texts = stream_texts(out, loaded, args.prompt, settings, args.top_k, max_new_tokens, seed,
-                             keep_going=target is not None)
+                             keep_going=target is not None, constraint=constraint)
     else:
-        texts = generate_in_chunks(loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, rows)
+        texts = generate_in_chunks(loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, rows, constraint)
     elapsed = time.perf_counter() - started
+    complete = None if constraint is None else [is_complete(constraint, t[len(args.prompt or ""):]) for t in texts]
 
     result = {
         "metadata": {
@@ -399,10 +452,13 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
             "devices": args.devices,
             "processes": processes if multi else 1,
             "streamed": args.stream,
+            "regex": args.regex,
+            "json_schema": None if constraint is None else constraint.schema,
             "seconds": round(elapsed, 3),
             "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         },
-        "texts": [{**setting, "text": text} for setting, text in zip(settings, texts)],
+        "texts": [{**setting, "text": text, **({} if complete is None else {"complete": ok})}
+                  for setting, text, ok in zip(settings, texts, complete or [None] * len(texts))],
     }
     if target is not None:
         try:
@@ -417,6 +473,10 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
         for i, (setting, text) in enumerate(zip(settings, texts)):
             out.write(header(i, len(texts), setting))
             out.write(text, end="\n\n")
+    if complete is not None and not all(complete):
+        cut = [str(i + 1) for i, ok in enumerate(complete) if not ok]
+        print(f"gpt2gen: sample(s) {', '.join(cut)} were cut by --max_length before the text matched the "
+              "constraint: they are INCOMPLETE (raise --max_length)", file=sys.stderr)
     if target is not None:
         print(f"gpt2gen: wrote {printable(args.output_json)}", file=sys.stderr)
     return result

@@ -4,7 +4,8 @@ The backend functions (`make_request`, `stream_updates`, `compare`) are plain Py
 directly; `build_app` wires them to a page: a prompt, a method (Greedy, Top-k, Top-p, plain
 temperature sampling, contrastive search) with only its own controls shown, the repetition remedies, streamed text, Stop, a live chart of the
 current step's most probable next tokens (kept or cut by the method), and a tab that runs one
-prompt with several methods side by side.
+prompt with several methods side by side, and a tab for structured output (text forced to match
+a regular expression or a JSON Schema, see `constraints.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from .constraints import json_schema_constraint, regex_constraint  # noqa: E402
 from .generation import generate, stream  # noqa: E402
 from .inspection import token_label  # noqa: E402
 from .loading import LoadedModel, load_model, requested_model_name  # noqa: E402
@@ -261,6 +263,31 @@ _PER_ROW = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ng
             "frequency_penalty", "penalty_alpha")
 
 
+STRUCTURED_KINDS = ("Regular expression", "JSON Schema")
+STRUCTURED_EXAMPLE = ('{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, '
+                      '"city": {"enum": ["Paris", "London", "Tokyo"]}, "age": {"type": "integer"}}, '
+                      '"required": ["name", "city", "age"]}')
+
+
+def structured(loaded: LoadedModel, prompt, kind: str, spec: str, method: str = "Top-p", temperature=1.0, top_k=50,
+               top_p=0.9, max_new_tokens=60, seed=0, samples: int = 3) -> pd.DataFrame:
+    """Several samples under a regex or JSON Schema constraint, one batch; says which are complete."""
+    if kind not in STRUCTURED_KINDS:
+        raise DemoInputError(f"Choose one of {', '.join(STRUCTURED_KINDS)}.")
+    if not (spec or "").strip():
+        raise DemoInputError(f"Write a {kind.lower()} first.")
+    request = make_request(prompt, method, temperature, top_k, top_p, max_new_tokens, seed)
+    try:
+        constraint = (regex_constraint(spec, loaded.tokenizer) if kind == STRUCTURED_KINDS[0]
+                      else json_schema_constraint(spec, loaded.tokenizer))
+    except ValueError as exc:
+        raise DemoInputError(str(exc)) from None
+    result = generate(loaded.model, loaded.tokenizer, [request.prompt] * samples, request.params,
+                      max_new_tokens=request.max_new_tokens, seed=request.seed, constraint=constraint)
+    status = ["complete" if r != "incomplete" else "INCOMPLETE: cut by max new tokens" for r in result.finish_reasons]
+    return pd.DataFrame({"sample": list(range(1, samples + 1)), "text": result.texts, "status": status})
+
+
 _loaded: dict[str, LoadedModel] = {}
 _loaded_lock = threading.Lock()
 
@@ -316,6 +343,12 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
         yield prompt, None, f"Starting… ({loaded.label})"
         for update in stream_updates(loaded, checked, event):
             yield update.text, update.chart, update.status
+
+    def run_structured(prompt, kind, spec, method, temperature, top_p, max_new_tokens, seed):
+        try:
+            return structured(loaded, prompt, kind, spec, method, temperature, 50, top_p, max_new_tokens, seed)
+        except DemoInputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
 
     def run_compare(prompt, methods, temperature, top_k, top_p, max_new_tokens, seed, repetition_penalty=1.0,
                     no_repeat_ngram_size=0, presence_penalty=0.0, frequency_penalty=0.0, penalty_alpha=0.6):
@@ -380,6 +413,23 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                     table = gr.Dataframe(label=f"Side by side ({loaded.label})", wrap=True)
             compare_button.click(run_compare, [c_prompt, c_methods, c_temperature, c_top_k, c_top_p, c_max, c_seed,
                                                *c_remedies, c_alpha], table, api_name="compare")
+        with gr.Tab("Structured output"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    s_prompt = gr.Textbox(label="Prompt", value="A person, as JSON:", lines=2,
+                                          max_length=MAX_PROMPT_CHARS)
+                    s_kind = gr.Radio(list(STRUCTURED_KINDS), value="JSON Schema", label="Constraint")
+                    s_spec = gr.Textbox(label="Regular expression or JSON Schema", value=STRUCTURED_EXAMPLE, lines=4)
+                    s_method = gr.Radio(["Greedy", "Top-p", "Temperature"], value="Top-p", label="Method")
+                    s_temperature = gr.Slider(*TEMPERATURE_RANGE, value=1.0, step=0.05, label="Temperature")
+                    s_top_p = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="p (top-p)")
+                    s_max = gr.Slider(1, MAX_NEW_TOKENS, value=60, step=1, label="Max new tokens")
+                    s_seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+                    structured_button = gr.Button("Generate 3 samples", variant="primary")
+                with gr.Column(scale=3):
+                    s_table = gr.Dataframe(label=f"Every complete sample matches ({loaded.label})", wrap=True)
+            structured_button.click(run_structured, [s_prompt, s_kind, s_spec, s_method, s_temperature, s_top_p, s_max,
+                                                     s_seed], s_table, api_name="structured")
     return app
 
 

@@ -19,6 +19,7 @@ from tokenizers.decoders import DecodeStream
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .constraints import Constraint, TokenMask
 from .contrastive import contrastive_decode
 from .loading import context_length
 from .penalties import apply_penalties, left_padding
@@ -44,7 +45,9 @@ class GenerationResult:
     prompt_length: int
     texts: list[str]  # the new text of each row, special tokens removed
     new_tokens: list[list[int]]  # each row's new tokens, up to and including its EOS
-    finish_reasons: list[str]  # "eos", "length" (max_new_tokens) or "context" (context length)
+    # "eos", "length" (max_new_tokens) or "context" (context length); under a constraint,
+    # "incomplete" when the row was cut before its text matched the pattern in full
+    finish_reasons: list[str]
     logits: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab], if asked
     scores: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab], if asked
 
@@ -82,16 +85,19 @@ def decode_steps(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     cache_implementation: str | None = None,
+    mask: TokenMask | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
 
     The prompt is run once; each later step feeds only the new token and reuses the keys and
     values of earlier positions from a KV cache. `cache_implementation` "dynamic" grows the cache
     (`DynamicCache`); "static" preallocates it and, on CUDA, replays each step as one CUDA graph
-    (`static_cache`: the same tokens); None chooses "static" on CUDA and "dynamic" elsewhere.
+    (`static_cache`: the same tokens); None chooses "static" on CUDA and "dynamic" elsewhere. A
+    `mask` (constrained decoding, `constraints.TokenMask`) forbids tokens before every warper and
+    follows each row's token; it decodes with the dynamic cache.
     """
     return _decode(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
-                   cached=True, cache_implementation=cache_implementation)
+                   cached=True, cache_implementation=cache_implementation, mask=mask)
 
 
 def decode_steps_without_cache(
@@ -123,6 +129,7 @@ def _decode(
     pad_token_id: int | None,
     cached: bool,
     cache_implementation: str | None = None,
+    mask: TokenMask | None = None,
 ) -> Iterator[Step]:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -143,21 +150,26 @@ def _decode(
     if params.contrastive:
         if not cached:
             raise ValueError("contrastive search (penalty_alpha > 0) always uses the KV cache: use decode_steps")
+        if mask is not None:
+            raise ValueError("contrastive search (penalty_alpha > 0) does not take a constraint: decode the "
+                             "constrained text with greedy decoding or sampling")
         return _contrastive_steps(model, input_ids, attention_mask, params, max_new_tokens, eos_token_id, pad_token_id,
                                   limit)
-    if cached and _static(cache_implementation, device, params):
+    if cached and _static(cache_implementation, device, params, mask):
         return _static_steps(model, input_ids, attention_mask, params, min(max_new_tokens, limit - input_ids.shape[1]),
                              generator, eos_token_id, pad_token_id)
     return _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
-                  cached, limit)
+                  cached, limit, mask)
 
 
-def _static(cache_implementation: str | None, device: torch.device, params: SamplingParams) -> bool:
-    """Whether to decode with the static cache; the remedies need the token history, which it does not keep."""
+def _static(cache_implementation: str | None, device: torch.device, params: SamplingParams,
+            mask: TokenMask | None) -> bool:
+    """Whether to decode with the static cache: not with the repetition remedies (they need the token
+    history, which the static step does not keep) nor with a constraint (its state follows each token)."""
     static = resolve_cache_implementation(cache_implementation, device) == "static"
-    if static and params.penalizes:
+    if static and (params.penalizes or mask is not None):
         if cache_implementation == "static":
-            raise ValueError("the static cache does not keep the tokens that the repetition remedies need: "
+            raise ValueError("the static cache takes neither the repetition remedies nor a constraint: "
                              "use cache_implementation='dynamic' (or leave it None) with them")
         return False
     return static
@@ -196,7 +208,7 @@ def _contrastive_steps(model, input_ids, attention_mask, params, max_new_tokens,
 
 
 def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
-           cached, limit) -> Iterator[Step]:
+           cached, limit, mask) -> Iterator[Step]:
     # Like `generate`, pass no mask when nothing is padded (a faster attention path).
     padded = attention_mask is not None and not bool(attention_mask.all())
     if attention_mask is None:
@@ -225,10 +237,13 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
         penalized = apply_penalties(sequence, logits, params, prompt_length, padding) if penalize else logits
+        allowed = penalized if mask is None else mask(penalized)  # forbidden tokens at -inf, before every warper
         if resolved is None:
             resolved = params.resolve(logits)  # once: later steps find the settings on the device
-        tokens, scores = resolved.select(penalized, generator)
+        tokens, scores = resolved.select(allowed, generator)
         tokens = torch.where(unfinished, tokens, pad_token_id)
+        if mask is not None:
+            mask.advance(tokens)
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
         yield Step(tokens=tokens, logits=logits, scores=scores, finished=~unfinished)
@@ -242,6 +257,20 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
         next_input = tokens[:, None]
 
 
+def constraint_mask(
+    model: PreTrainedModel, constraint: Constraint | Sequence[Constraint | None] | None, batch: int, eos: int | None
+) -> TokenMask | None:
+    """The `TokenMask` for a batch: one constraint for every row, or one per row; None without one."""
+    if constraint is None:
+        return None
+    rows = [constraint] * batch if isinstance(constraint, Constraint) else list(constraint)
+    if len(rows) != batch:
+        raise ValueError(f"got {len(rows)} constraints for {batch} prompts: give one, or one per prompt")
+    if eos is None:
+        raise ValueError("a constrained text ends with the end-of-text token: keep stop_at_eos=True")
+    return TokenMask(rows, model.config.vocab_size, model.device)
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -253,6 +282,7 @@ def generate(
     output_scores: bool = False,
     progress: bool = False,
     cache_implementation: str | None = None,
+    constraint: Constraint | Sequence[Constraint | None] | None = None,
 ) -> GenerationResult:
     """Generate a continuation of each prompt as one batch; `params` may hold one value per prompt.
 
@@ -260,13 +290,17 @@ def generate(
     same tokens as `torch.manual_seed(seed); model.generate(...)`). `output_scores` keeps each
     step's raw logits and processed scores, for plots. `cache_implementation` ("dynamic" or
     "static"; None: static on CUDA, dynamic elsewhere) picks the KV cache, as in `decode_steps`.
+    `constraint` (see `constraints.py`), one for all rows or one per row (None: free), makes each
+    row's text match its pattern in full; a row cut before it matched has the finish reason
+    "incomplete".
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
     eos = tokenizer.eos_token_id if stop_at_eos else None
+    mask = constraint_mask(model, constraint, input_ids.shape[0], eos)
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, cache_implementation=cache_implementation,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, cache_implementation=cache_implementation, mask=mask,
     )
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
@@ -285,6 +319,8 @@ def generate(
         new_tokens.append(row[:end])
     reached_context = input_ids.shape[1] + new.shape[1] >= context_length(model)
     reasons = ["eos" if done else "context" if reached_context else "length" for done in finished.tolist()]
+    if mask is not None:
+        reasons = [r if ok else "incomplete" for r, ok in zip(reasons, mask.accepting().tolist())]
     return GenerationResult(
         sequences=torch.cat([input_ids, new], dim=1),
         prompt_length=input_ids.shape[1],
@@ -349,6 +385,7 @@ def stream(
     max_new_tokens: int = 50,
     seed: int | None = None,
     cache_implementation: str | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[StreamChunk]:
     """Generate for one prompt and yield each token's text as soon as it is complete.
 
@@ -363,6 +400,7 @@ def stream(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         cache_implementation=cache_implementation,
+        mask=constraint_mask(model, constraint, 1, tokenizer.eos_token_id),
     )
     # A token that ends inside a character has no text yet: its chunk waits for the next token
     # (it shows nothing meanwhile), or, if it was the last, takes what the end brings.

@@ -187,10 +187,9 @@ def plot_sample_counts(
         expected = torch.tensor(list(probabilities[name]), dtype=torch.float64)
         interval = 1.96 * (expected * (1 - expected) / total).sqrt()  # binomial standard error of a share
         xs = [i + n * width for i in range(len(labels))]
-        bars = ax.bar(xs, share.tolist(), width, label=f"{name}: share of {total:,} draws", alpha=0.8)
+        ax.bar(xs, share.tolist(), width, label=f"{name}: share of {total:,} draws", alpha=0.8)
         ax.errorbar(xs, expected.tolist(), yerr=interval.tolist(), fmt="o", color="black", markersize=3,
                     capsize=2, elinewidth=1, label="probability (±95% range of the share)" if n == 0 else None)
-        bars.set_color(bars.patches[0].get_facecolor())
     ax.set_xticks([i + width * (len(counts) - 1) / 2 for i in range(len(labels))], labels)
     ax.set_ylabel("share of draws")
     ax.legend(fontsize=8)

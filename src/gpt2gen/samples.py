@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from .constraints import Constraint
 from .generation import generate, stream
 from .loading import LoadedModel
 from .sampling import SamplingParams
@@ -50,19 +51,21 @@ def params_for(settings: list[dict[str, float]], top_k: int) -> SamplingParams:
 
 def generate_texts(
     loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int, max_new_tokens: int,
-    seed: int, progress: bool = True,
+    seed: int, progress: bool = True, constraint: Constraint | None = None,
 ) -> list[str]:
     """All samples as one batch with per-row parameters; each text includes the prompt."""
     result = generate(
         loaded.model, loaded.tokenizer, [prompt or ""] * len(settings), params_for(settings, top_k),
-        max_new_tokens=max_new_tokens, seed=seed, progress=progress,
+        max_new_tokens=max_new_tokens, seed=seed, progress=progress, constraint=constraint,
     )
     return [(prompt or "") + text for text in result.texts]
 
 
 def stream_pieces(
     loaded: LoadedModel, prompt: str | None, setting: dict[str, float], top_k: int, max_new_tokens: int, seed: int,
+    constraint: Constraint | None = None,
 ) -> Iterator[str]:
     """One sample's new text, piece by piece as tokens arrive."""
-    for chunk in stream(loaded.model, loaded.tokenizer, prompt, params_for([setting], top_k), max_new_tokens, seed):
+    for chunk in stream(loaded.model, loaded.tokenizer, prompt, params_for([setting], top_k), max_new_tokens, seed,
+                        constraint=constraint):
         yield chunk.text

@@ -1,0 +1,291 @@
+"""The token-level index of a pattern: in each state, which tokens may come next, and where they lead.
+
+A token is allowed in a state if reading all its bytes through the byte automaton stays on a
+path that can still complete (see `automaton.py`); the state it ends in is the next state. The
+end-of-text token is allowed only in accepting states. Building it means walking every token of
+the vocabulary from every state reachable at a token boundary: all 50,257 of GPT-2's tokens are
+walked at once, one byte position at a time, as a numpy gather; a (state, token) pair leaves the
+work as soon as it dies or its token ends.
+
+The index is cached on disk per (pattern, vocabulary), under gpt2gen's cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import weakref
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from .automaton import DEAD, ByteAutomaton, UnsatisfiablePattern, regex_automaton
+from .files import cache_root
+
+INDEX_FORMAT = 1  # bump when the index's construction or file layout changes
+STATES_PER_CHUNK = 64  # states walked together: bounds the [states, vocab] working array
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The byte string of every ordinary token (special tokens have none), and the end-of-text id."""
+
+    token_bytes: tuple[bytes | None, ...]  # indexed by token id; None for special tokens
+    eos_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.token_bytes)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(str(self.eos_token_id).encode())
+        for data in self.token_bytes:
+            digest.update(b"-" if data is None else len(data).to_bytes(2, "little") + data)
+        return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: the printable character that stands for each byte.
+
+    Byte-level BPE writes the 256 bytes as 256 printable characters (a space is "Ġ", a newline "Ċ"),
+    so that every token is a visible string; this maps them back to bytes.
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def vocabulary_of(tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
+    """The tokenizer's tokens as bytes (remembered per tokenizer); ValueError if it is not byte-level BPE."""
+    if (known := _vocabularies.get(tokenizer)) is not None and len(known) == len(tokenizer):
+        return known
+    _vocabularies[tokenizer] = vocabulary = _read_vocabulary(tokenizer)
+    return vocabulary
+
+
+def _read_vocabulary(tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("constrained decoding needs a tokenizer with an end-of-text token (eos_token_id)")
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    decoder = byte_decoder()
+    for token_id, token in enumerate(tokens):
+        if token_id not in special and token is not None and not set(token) <= decoder.keys():
+            raise ValueError(
+                f"token {token_id} ({token!r}) is not written in byte-level BPE's alphabet: constrained decoding "
+                "here supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3, ...)"
+            )
+    table = str.maketrans({char: chr(byte) for char, byte in decoder.items()})
+    out = [
+        None if token_id in special or token is None else token.translate(table).encode("latin-1")
+        for token_id, token in enumerate(tokens)
+    ]
+    return Vocabulary(tuple(out), tokenizer.eos_token_id)
+
+
+@dataclass(frozen=True)
+class TokenIndex:
+    """For each state (0 = start): the allowed tokens, sorted, and the state each leads to (CSR form).
+
+    `tokens[offsets[s]:offsets[s + 1]]` are the tokens allowed in state s, `next_states[...]` the
+    states they lead to. In an accepting state the end-of-text token is allowed and leads back to
+    the same state.
+    """
+
+    pattern: str
+    offsets: np.ndarray  # [states + 1] int64
+    tokens: np.ndarray  # [allowed pairs] int32
+    next_states: np.ndarray  # [allowed pairs] int32
+    accepting: np.ndarray  # [states] bool
+    vocab_size: int
+    eos_token_id: int
+
+    @property
+    def num_states(self) -> int:
+        return len(self.accepting)
+
+    def allowed(self, state: int) -> np.ndarray:
+        """The token ids allowed in `state`, sorted."""
+        return self.tokens[self.offsets[state] : self.offsets[state + 1]]
+
+    def next_state(self, state: int, token: int) -> int | None:
+        """The state after `token`, or None if it is not allowed."""
+        allowed = self.allowed(state)
+        i = int(np.searchsorted(allowed, token))
+        if i < len(allowed) and allowed[i] == token:
+            return int(self.next_states[self.offsets[state] + i])
+        return None
+
+    def transitions(self, state: int) -> dict[int, int]:
+        """{token: next state} for `state`."""
+        lo, hi = self.offsets[state], self.offsets[state + 1]
+        return dict(zip(self.tokens[lo:hi].tolist(), self.next_states[lo:hi].tolist()))
+
+
+@lru_cache(maxsize=4)
+def _token_arrays(vocabulary: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ordinary tokens: ids, lengths, and their bytes as a zero-padded [tokens, longest] matrix."""
+    ids = np.array([i for i, data in enumerate(vocabulary.token_bytes) if data], dtype=np.int32)
+    chunks = [vocabulary.token_bytes[i] for i in ids]
+    lengths = np.array([len(c) for c in chunks], dtype=np.int64)
+    flat = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    rows = np.repeat(np.arange(len(ids)), lengths)
+    columns = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    matrix = np.zeros((len(ids), int(lengths.max()) if len(ids) else 0), dtype=np.uint8)
+    matrix[rows, columns] = flat
+    return ids, lengths, matrix
+
+
+def _walk(table: np.ndarray, states: np.ndarray, lengths: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """End state of every token read from every state in `states`: [len(states), tokens], -1 if it dies.
+
+    All (state, token) pairs advance one byte position per numpy gather; a pair leaves the work as
+    soon as it dies or its token ends, so a restrictive pattern stops after a byte or two.
+    """
+    dead = table.shape[0] - 1
+    ends = np.full((len(states), len(lengths)), DEAD, dtype=np.int32)
+    rows = np.repeat(np.arange(len(states)), len(lengths))
+    cols = np.tile(np.arange(len(lengths)), len(states))
+    current = states[rows]
+    for j in range(matrix.shape[1]):
+        current = table[current, matrix[cols, j]]
+        alive = current != dead
+        done = alive & (lengths[cols] == j + 1)
+        ends[rows[done], cols[done]] = current[done]
+        more = alive & ~done
+        rows, cols, current = rows[more], cols[more], current[more]
+        if not len(current):
+            break
+    return ends
+
+
+def build_token_index(automaton: ByteAutomaton, vocabulary: Vocabulary) -> TokenIndex:
+    """Walk every token from every state reachable at a token boundary; see the module docstring.
+
+    States from which the vocabulary cannot reach an accepting state (possible with a vocabulary
+    lacking some bytes) are removed; if that removes the start, `UnsatisfiablePattern` says so.
+    """
+    ids, lengths, matrix = _token_arrays(vocabulary)
+    # The dead state gets a real row (its own number) so that the gather needs no branches.
+    table = np.vstack([automaton.transitions, np.full((1, 256), -1, dtype=np.int32)])
+    dead = table.shape[0] - 1
+    table[table == DEAD] = dead
+
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # automaton state -> (token ids, end states)
+    frontier = [automaton.initial]
+    while frontier:
+        for start in range(0, len(frontier), STATES_PER_CHUNK):
+            chunk = np.array(frontier[start : start + STATES_PER_CHUNK], dtype=np.int64)
+            ends = _walk(table, chunk, lengths, matrix)
+            for state, row in zip(chunk.tolist(), ends):
+                keep = row != DEAD
+                found[state] = (ids[keep], row[keep])
+        frontier = sorted({int(s) for _, nexts in found.values() for s in np.unique(nexts)} - set(found))
+
+    # Keep only states from which an accepting state is reachable through tokens.
+    incoming: dict[int, set[int]] = {}
+    for state, (_, nexts) in found.items():
+        for target in np.unique(nexts).tolist():
+            incoming.setdefault(target, set()).add(state)
+    live = {s for s in found if automaton.accepting[s]}
+    todo = list(live)
+    while todo:
+        for source in incoming.get(todo.pop(), ()):
+            if source not in live:
+                live.add(source)
+                todo.append(source)
+    if automaton.initial not in live:
+        raise UnsatisfiablePattern(
+            f"no sequence of this tokenizer's tokens spells a string matching {automaton.pattern!r}"
+        )
+    order = [automaton.initial] + sorted(live - {automaton.initial})
+    number = {state: i for i, state in enumerate(order)}
+    renumber = np.full(table.shape[0] + 1, -1, dtype=np.int64)
+    for state, i in number.items():
+        renumber[state] = i
+
+    offsets, all_tokens, all_next = [0], [], []
+    for state in order:
+        tokens, nexts = found[state]
+        mapped = renumber[nexts]
+        keep = mapped >= 0
+        tokens, mapped = tokens[keep], mapped[keep]
+        if automaton.accepting[state]:
+            at = int(np.searchsorted(tokens, vocabulary.eos_token_id))
+            tokens = np.insert(tokens, at, vocabulary.eos_token_id)
+            mapped = np.insert(mapped, at, number[state])
+        all_tokens.append(tokens.astype(np.int32))
+        all_next.append(mapped.astype(np.int32))
+        offsets.append(offsets[-1] + len(tokens))
+    return TokenIndex(
+        pattern=automaton.pattern,
+        offsets=np.array(offsets, dtype=np.int64),
+        tokens=np.concatenate(all_tokens),
+        next_states=np.concatenate(all_next),
+        accepting=np.array([bool(automaton.accepting[s]) for s in order]),
+        vocab_size=len(vocabulary),
+        eos_token_id=vocabulary.eos_token_id,
+    )
+
+
+def index_cache_path(pattern: str, vocabulary: Vocabulary) -> Path:
+    """Where the index of (pattern, vocabulary) is cached."""
+    key = hashlib.sha256(f"{INDEX_FORMAT}\0{pattern}\0{vocabulary.fingerprint}".encode()).hexdigest()[:32]
+    return cache_root() / "token-index" / f"{key}.npz"
+
+
+def _save(index: TokenIndex, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(
+                handle, pattern=np.array(index.pattern), offsets=index.offsets, tokens=index.tokens,
+                next_states=index.next_states, accepting=index.accepting,
+                sizes=np.array([index.vocab_size, index.eos_token_id]),
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path, pattern: str) -> TokenIndex | None:
+    try:
+        with np.load(path) as data:
+            if str(data["pattern"]) != pattern:
+                return None
+            vocab_size, eos = (int(v) for v in data["sizes"])
+            return TokenIndex(pattern, data["offsets"], data["tokens"], data["next_states"], data["accepting"],
+                              vocab_size, eos)
+    except (OSError, ValueError, KeyError):
+        return None  # missing or unreadable: rebuild
+
+
+def token_index(pattern: str, tokenizer: PreTrainedTokenizerBase | Vocabulary, cache: bool = True) -> TokenIndex:
+    """The index of `pattern` for `tokenizer`, from the disk cache when it was built before."""
+    vocabulary = tokenizer if isinstance(tokenizer, Vocabulary) else vocabulary_of(tokenizer)
+    path = index_cache_path(pattern, vocabulary)
+    if cache and (index := _load(path, pattern)) is not None:
+        return index
+    index = build_token_index(regex_automaton(pattern), vocabulary)
+    if cache:
+        _save(index, path)
+    return index
+

@@ -13,14 +13,16 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import torch
 
+from .drafters import Drafter, ModelDrafter, PromptLookup, early_exit_model
 from .files import check_writable, write_json_atomic
 from .loading import DEFAULT_MODEL, MODEL_ENV_VAR, LoadedModel, ModelLoadError, load_model
 from .sampling import check_probability, check_temperature, check_top_k
-from .samples import generate_texts, sample_settings, stream_pieces
+from .samples import generate_texts, sample_settings, speculative_texts, stream_pieces
 
 SEED_ENV_VAR = "GPT2GEN_CLI_SEED"  # hands the chosen seed to the worker processes of a multi-device run
 
@@ -71,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random seed; the same seed gives the same output (default: a random seed, recorded)")
     parser.add_argument("--stream", action="store_true",
                         help="print tokens as they are generated (samples then run one after another)")
+    speculative = parser.add_argument_group(
+        "speculative decoding", "draft tokens cheaply, verify them in one pass of the model: the same text "
+        "(greedy) or the same distribution (sampling), faster; samples run one after another (notebook 07)")
+    speculative.add_argument("--prompt_lookup_num_tokens", type=int, default=None,
+                             help="draft up to N tokens by finding the last tokens earlier in the prompt and text "
+                                  "(prompt lookup, good when the output copies the input; default: off)")
+    speculative.add_argument("--assistant_model", default=None,
+                             help="draft with this smaller model; it must share the model's tokenizer (default: off)")
+    speculative.add_argument("--assistant_early_exit", type=int, default=None,
+                             help="draft with the model's own first N layers (self-speculation; default: off)")
+    speculative.add_argument("--num_assistant_tokens", type=int, default=5,
+                             help="tokens drafted per step by --assistant_model or --assistant_early_exit (default: 5)")
     return parser
 
 
@@ -129,6 +143,15 @@ def validate(args: argparse.Namespace) -> None:
         check_probability("top_p", args.top_p, neutral=1.0)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from exc
+    drafters = [o for o in ("prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit")
+                if getattr(args, o) is not None]
+    if len(drafters) > 1:
+        raise UsageError(f"--{drafters[0]} and --{drafters[1]} conflict: choose one way to draft tokens")
+    for option in ("prompt_lookup_num_tokens", "assistant_early_exit", "num_assistant_tokens"):
+        if (value := getattr(args, option)) is not None and value < 1:
+            raise UsageError(f"--{option} must be at least 1, got {value}")
+    if drafters and args.devices.strip() not in ("auto", "1"):
+        raise UsageError(f"--{drafters[0]} runs one sample at a time in one process: drop --devices {args.devices}")
     if args.output_json:
         try:
             check_writable(args.output_json)
@@ -173,6 +196,34 @@ def header(index: int, total: int, setting: dict[str, float]) -> str:
     return f"=== sample {index + 1}/{total} · temperature {setting['temperature']:g} · top-p {setting['nucleus']:g} ==="
 
 
+def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Callable[[], Drafter], dict] | None:
+    """A maker of fresh drafters and its description, or None when no speculative option is set."""
+    if args.prompt_lookup_num_tokens is not None:
+        n = args.prompt_lookup_num_tokens
+        return (lambda: PromptLookup(n)), {"drafter": "prompt lookup", "num_draft_tokens": n}
+    n = args.num_assistant_tokens
+    if args.assistant_early_exit is not None:
+        try:
+            model = early_exit_model(loaded.model, args.assistant_early_exit)
+        except ValueError as exc:
+            raise UsageError(f"--assistant_early_exit: {exc}") from exc
+        about = {"drafter": f"early exit after {args.assistant_early_exit} layers", "num_draft_tokens": n}
+        return (lambda: ModelDrafter(model, n)), about
+    if args.assistant_model is not None:
+        try:
+            assistant = load_model(args.assistant_model, device=loaded.device, announce=False)
+        except ModelLoadError as exc:
+            raise UsageError(f"--assistant_model: {exc}") from exc
+        if assistant.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+            raise UsageError(
+                f"--assistant_model {args.assistant_model} has another tokenizer than {loaded.name}: "
+                "a draft model must share the model's tokenizer"
+            )
+        about = {"drafter": f"assistant model {assistant.label}", "num_draft_tokens": n}
+        return (lambda: ModelDrafter(assistant.model, n)), about
+    return None
+
+
 def choose_seed(seed: int | None) -> int:
     """The given seed, the one a parent process chose, or a fresh random one (recorded so a run can be repeated)."""
     if seed is not None:
@@ -196,8 +247,29 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         raise UsageError(str(exc)) from exc
     max_new_tokens, prompt_length = max_new_tokens_for(loaded, args.prompt, args.max_length)
     settings = sample_settings(args.num_samples, args.use_temperature, args.use_nucleus, args.temperature, args.top_p)
+    speculative = speculative_drafter(args, loaded)
+    counts: list[dict[str, int]] = []
     started = time.perf_counter()
-    if multi:
+    if speculative:
+        if args.stream:
+            print(f"model: {loaded.label}\n", flush=True)
+
+        def on_sample(i: int) -> None:
+            if args.stream:
+                if i:
+                    print("\n", flush=True)
+                print(header(i, len(settings), settings[i]), flush=True)
+                print(args.prompt or "", end="", flush=True)
+
+        texts, counts = speculative_texts(
+            loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, speculative[0], on_sample=on_sample,
+            on_text=(lambda piece: print(piece, end="", flush=True)) if args.stream else None,
+        )
+        if args.stream:
+            print("\n", flush=True)
+        drafted, accepted = sum(c["drafted"] for c in counts), sum(c["accepted"] for c in counts)
+        print(f"gpt2gen: {speculative[1]['drafter']}: {accepted} of {drafted} drafted tokens accepted", file=sys.stderr)
+    elif multi:
         from .multidevice import generate_on_devices
 
         os.environ[SEED_ENV_VAR] = str(seed)
@@ -238,6 +310,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         },
         "texts": [{**setting, "text": text} for setting, text in zip(settings, texts)],
     }
+    if speculative:
+        drafted, accepted = sum(c["drafted"] for c in counts), sum(c["accepted"] for c in counts)
+        result["metadata"]["speculative"] = speculative[1] | {
+            "drafted": drafted, "accepted": accepted, "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+        }
+        for entry, c in zip(result["texts"], counts):
+            entry["acceptance_rate"] = round(c["accepted"] / c["drafted"], 4) if c["drafted"] else 0.0
     if args.output_json:
         write_json_atomic(args.output_json, result)
         print(f"gpt2gen: wrote {args.output_json}", file=sys.stderr)

@@ -12,6 +12,7 @@ benchmarks/results/latest.json (machine, library versions, threads, every figure
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -27,9 +28,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2gen.comparison import load_prompts
 from gpt2gen.files import write_json_atomic
-from gpt2gen.generation import encode_prompts, generate
+from gpt2gen import sampling
+from gpt2gen.generation import decode_steps, decode_steps_without_cache, encode_prompts, generate
 from gpt2gen.gpt2_reference import gpt2_tokenizer
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.sampling import SamplingParams, apply_temperature, fused_top_k_top_p, top_k_filter, top_p_filter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 METHODS = {
@@ -85,13 +87,18 @@ class Bench:
     def batch(self, size: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(size)]
 
-    def ours_fn(self, prompts, settings: dict, new_tokens: int | None = None, **kwargs) -> Callable[[], object]:
+    def ours_fn(self, prompts, settings: dict, new_tokens: int | None = None, model=None) -> Callable[[], object]:
         params = SamplingParams(**settings)
-        return lambda: generate(self.model, self.tokenizer, prompts, params, new_tokens or self.new_tokens, seed=0,
-                                stop_at_eos=False, **kwargs)
+        return lambda: generate(model or self.model, self.tokenizer, prompts, params, new_tokens or self.new_tokens,
+                                seed=0, stop_at_eos=False)
 
-    def ours(self, prompts, settings: dict, new_tokens: int | None = None, **kwargs) -> float:
-        return best_time(self.ours_fn(prompts, settings, new_tokens, **kwargs), self.repeats)
+    def ours(self, prompts, settings: dict, new_tokens: int | None = None) -> float:
+        return best_time(self.ours_fn(prompts, settings, new_tokens), self.repeats)
+
+    def loop_fn(self, loop, prompts, new_tokens: int) -> Callable[[], object]:
+        """Greedy decoding with one of the loops (with or without the KV cache), no EOS."""
+        input_ids, attention_mask = encode_prompts(self.tokenizer, prompts, self.model.device)
+        return lambda: list(loop(self.model, input_ids, attention_mask, SamplingParams.greedy(), new_tokens))
 
     def reference_fn(self, prompts, settings: dict) -> Callable[[], object]:
         input_ids, attention_mask = encode_prompts(self.tokenizer, prompts, self.model.device)
@@ -102,10 +109,11 @@ class Bench:
         return lambda: self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                            max_new_tokens=self.new_tokens, **kwargs)
 
-    def side_by_side(self, first: Callable[[], object], second: Callable[[], object]) -> tuple[float, float]:
+    def side_by_side(self, first: Callable[[], object], second: Callable[[], object],
+                     repeats: int | None = None) -> tuple[float, float]:
         """Best times of two runs, alternated (A B A B ...), so that a slow spell of the machine hits both."""
         times_a, times_b = [], []
-        for _ in range(self.repeats):
+        for _ in range(repeats or self.repeats):
             times_a.append(best_time(first, 1))
             times_b.append(best_time(second, 1))
         return min(times_a), min(times_b)
@@ -127,9 +135,7 @@ def kv_cache(b: Bench, lengths: tuple[int, ...]) -> list[dict]:
     rows = []
     prompt = b.batch(1)
     for n in lengths:
-        cached = b.ours(prompt, METHODS["greedy"], new_tokens=n)
-        uncached = best_time(lambda: generate(b.model, b.tokenizer, prompt, SamplingParams.greedy(), n,
-                                              stop_at_eos=False, use_cache=False), 1)
+        cached, uncached = b.side_by_side(b.loop_fn(decode_steps, prompt, n), b.loop_fn(decode_steps_without_cache, prompt, n))
         rows.append({"new tokens": n, "with cache tokens/s": n / cached, "without cache tokens/s": n / uncached,
                      "speed-up": uncached / cached})
         print(f"  KV cache at {n} tokens: {uncached / cached:.2f}x", file=sys.stderr)
@@ -139,8 +145,9 @@ def kv_cache(b: Bench, lengths: tuple[int, ...]) -> list[dict]:
 def batching(b: Bench, sizes: tuple[int, ...]) -> dict:
     settings = METHODS["T 0.8 + top-k 50 + top-p 0.9"]
     prompts = b.batch(20)
-    one_batch = b.ours(prompts, settings)
-    sequential = sum(b.ours([p], settings) for p in prompts)
+    one_batch_fn = b.ours_fn(prompts, settings)
+    singles = [b.ours_fn([p], settings) for p in prompts]
+    one_batch, sequential = b.side_by_side(one_batch_fn, lambda: [run() for run in singles])
     throughput = []
     for size in sizes:
         seconds = b.ours(b.batch(size), settings)
@@ -151,27 +158,40 @@ def batching(b: Bench, sizes: tuple[int, ...]) -> dict:
 
 
 def fused_filter(b: Bench) -> dict:
+    """Top-p on the top-k survivors against top-k then top-p over the sorted vocabulary.
+
+    The filters are timed directly; for whole generations, the pipeline is run as it is and with
+    the shortcut patched to step aside (the two filters then run, as they do where it does not apply).
+    """
     settings = METHODS["T 0.8 + top-k 50 + top-p 0.9"]
     prompt = b.batch(1)
-    fused, full = b.side_by_side(b.ours_fn(prompt, settings, fused=True), b.ours_fn(prompt, settings, fused=False))
-    logits = torch.randn(1, 50257, generator=torch.Generator().manual_seed(0)) * 3
-    params = SamplingParams(**settings)
-    from gpt2gen.sampling import process_logits
+    with_shortcut = b.ours_fn(prompt, settings)
 
-    step_fused = best_time(lambda: [process_logits(logits, params, fused=True) for _ in range(200)], 3) / 200
-    step_full = best_time(lambda: [process_logits(logits, params, fused=False) for _ in range(200)], 3) / 200
-    return {"generation speed-up": full / fused, "filter ms fused": 1000 * step_fused,
-            "filter ms full sort": 1000 * step_full, "filter speed-up": step_full / step_fused}
+    def without_shortcut():
+        original = sampling.fused_top_k_top_p
+        sampling.fused_top_k_top_p = lambda *args: None
+        try:
+            return with_shortcut()
+        finally:
+            sampling.fused_top_k_top_p = original
+
+    fused, full = b.side_by_side(with_shortcut, without_shortcut)
+    logits = apply_temperature(torch.randn(1, 50257, generator=torch.Generator().manual_seed(0)) * 3, 0.8)
+    k, p = settings["top_k"], settings["top_p"]
+    calls = 200
+    step_fused, step_full = b.side_by_side(
+        lambda: [fused_top_k_top_p(logits, k, p) for _ in range(calls)],
+        lambda: [top_p_filter(top_k_filter(logits, k), p) for _ in range(calls)],
+        repeats=3,
+    )
+    return {"generation speed-up": full / fused, "filter ms fused": 1000 * step_fused / calls,
+            "filter ms full sort": 1000 * step_full / calls, "filter speed-up": step_full / step_fused}
 
 
 def bfloat16(b: Bench) -> dict:
     prompt = b.batch(1)
-    fp32 = b.ours(prompt, METHODS["greedy"])
-    b.model.to(torch.bfloat16)
-    try:
-        bf16 = b.ours(prompt, METHODS["greedy"])
-    finally:
-        b.model.to(torch.float32)
+    bf16_model = copy.deepcopy(b.model).to(torch.bfloat16)
+    fp32, bf16 = b.side_by_side(b.ours_fn(prompt, METHODS["greedy"]), b.ours_fn(prompt, METHODS["greedy"], model=bf16_model))
     return {"fp32 tokens/s": b.new_tokens / fp32, "bf16 tokens/s": b.new_tokens / bf16, "speed-up": fp32 / bf16}
 
 

@@ -5,7 +5,9 @@ A thin entry point: the code lives in `gpt2gen.cli`.
 
 import sys
 
-from gpt2gen.cli import main
-
 if __name__ == "__main__":
+    try:
+        from gpt2gen.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while the libraries load: stop quietly
+        sys.exit(130)
     sys.exit(main())

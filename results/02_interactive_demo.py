@@ -5,7 +5,9 @@ A thin entry point: the app lives in `gpt2gen.demo`.
 
 import sys
 
-from gpt2gen.demo import main
-
 if __name__ == "__main__":
+    try:
+        from gpt2gen.demo import main
+    except KeyboardInterrupt:  # Ctrl-C while the libraries load: stop quietly
+        sys.exit(130)
     sys.exit(main())

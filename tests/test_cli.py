@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from gpt2gen.cli import printable
 from gpt2gen.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def run_cli(*args: str, model: Path | str | None = None, cwd: Path | None = None
 
 
 def texts_of(stdout: str) -> list[str]:
-    """The sample texts printed on stdout, in order."""
+    """The sample texts printed on stdout, in order (control characters shown as \\xNN: compare with `printable`)."""
     blocks = stdout.split("=== sample ")[1:]
     return [block.split("===\n", 1)[1].rstrip("\n") for block in blocks]
 
@@ -68,7 +69,7 @@ def test_readme_json_example(tiny_model_dir, tmp_path):
     assert [t["nucleus"] for t in data["texts"]] == [round(i / 19, 2) for i in range(20)]
     assert all(t["temperature"] == 1.0 for t in data["texts"])
     assert all(set(t) == {"nucleus", "temperature", "text"} for t in data["texts"])
-    assert [t["text"] for t in data["texts"]] == texts_of(done.stdout)
+    assert [printable(t["text"]) for t in data["texts"]] == texts_of(done.stdout)
 
 
 def test_both_sweeps_and_their_values(tiny_model_dir, tmp_path):
@@ -104,7 +105,7 @@ def test_stream_prints_the_same_text_as_its_saved_output(tiny_model_dir, tmp_pat
     done = run_cli("--stream", "--num_samples", "2", "--seed", "5", "--max_length", "16", "--output_json", str(out),
                    model=tiny_model_dir)
     assert done.returncode == 0, done.stderr
-    assert [t["text"] for t in json.loads(out.read_text())["texts"]] == texts_of(done.stdout)
+    assert [printable(t["text"]) for t in json.loads(out.read_text())["texts"]] == texts_of(done.stdout)
 
 
 def test_two_cpu_processes_return_every_sample_once_in_order(tiny_model_dir, tmp_path):
@@ -117,7 +118,7 @@ def test_two_cpu_processes_return_every_sample_once_in_order(tiny_model_dir, tmp
     spread, alone = json.loads(multi.read_text()), json.loads(single.read_text())
     assert spread["metadata"]["processes"] == 2
     assert [t["temperature"] for t in spread["texts"]] == [0.0, 0.3, 0.6, 0.9, 1.2]
-    assert len(texts_of(done.stdout)) == 5 and texts_of(done.stdout) == [t["text"] for t in spread["texts"]]
+    assert len(texts_of(done.stdout)) == 5 and texts_of(done.stdout) == [printable(t["text"]) for t in spread["texts"]]
     assert spread["texts"][0]["text"] == alone["texts"][0]["text"]  # greedy: the same on any layout
     assert len({t["text"] for t in spread["texts"]}) == 5
 
@@ -165,7 +166,16 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--num_samples", "0"), "--num_samples must be at least 1, got 0"),
+        (("--num_samples", "0"), "--num_samples must be between 1 and 10,000, got 0"),
+        (("--num_samples", "1000000"), "--num_samples must be between 1 and 10,000, got 1000000"),
+        (("--devices", "99"), "--devices 99 asks for 99 CPU processes but this machine has"),
+        (("--devices", "²"), "--devices '²' is not valid"),
+        (("--devices", "0,²"), "--devices '0,²' is not a list of GPU ids"),
+        (("--seed", "100000000000000000000000"), "--seed must be between 0 and 4294967295"),
+        (("--seed", "-1"), "--seed must be between 0 and 4294967295, got -1"),
+        (("--temperature", "1e-40"), "--temperature must be 0 (greedy) or at least 0.01"),
+        (("--top_k", "-2"), "--top_k must be a whole number >= 0 (0 turns top-k off), got -2"),
+        (("--output_json", ""), "--output_json: the path is empty"),
         (("--max_length", "0"), "--max_length must be at least 1, got 0"),
         (("--num_samples", "two"), "argument --num_samples: invalid int value: 'two'"),
         (("--devices", "a,b"), "--devices 'a,b' is not a list of GPU ids like 0,1"),
@@ -196,7 +206,10 @@ def test_bad_input_exits_2_with_one_clear_line(tiny_model_dir, args, message):
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("01_text_generation.py: error: ")
     assert message in lines[0] and "error:" in lines[0]
+    if args[0] == "--top_k":
+        assert lines[0].endswith(message[-4:]), lines[0]  # the value as typed, not -2.0
 
 
 def test_console_command_is_installed():

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2
-from gpt2gen.generation import IncrementalDecoder, decode_steps, encode_prompts, generate, stream
+from gpt2gen.generation import (
+    IncrementalDecoder,
+    decode_steps,
+    decode_steps_without_cache,
+    encode_prompts,
+    generate,
+    stream,
+)
 from gpt2gen.sampling import SamplingParams
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
@@ -112,19 +119,17 @@ def test_batching_gives_the_same_greedy_tokens_as_one_prompt_at_a_time(tiny_mode
         assert batched.new_tokens[i] == alone.new_tokens[0]
 
 
-def test_fused_top_k_top_p_gives_the_same_tokens(tiny_model, tokenizer):
+def test_without_cache_gives_the_same_steps(tiny_model, tokenizer):
     params = SamplingParams(temperature=0.9, top_k=[40, 20, 100], top_p=[0.9, 0.8, 0.95])
-    fused = generate(tiny_model, tokenizer, PROMPTS, params, 24, seed=4, output_scores=True)
-    plain = generate(tiny_model, tokenizer, PROMPTS, params, 24, seed=4, output_scores=True, fused=False)
-    assert torch.equal(fused.sequences, plain.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(fused.scores, plain.scores))
-
-
-def test_without_cache_gives_the_same_tokens(tiny_model, tokenizer):
-    params = SamplingParams(temperature=0.9, top_p=0.9)
-    cached = generate(tiny_model, tokenizer, PROMPTS, params, 12, seed=3)
-    uncached = generate(tiny_model, tokenizer, PROMPTS, params, 12, seed=3, use_cache=False)
-    assert torch.equal(cached.sequences, uncached.sequences)
+    input_ids, attention_mask = encode_prompts(tokenizer, PROMPTS, tiny_model.device)
+    runs = [
+        list(loop(tiny_model, input_ids, attention_mask, params, 12, torch.Generator().manual_seed(3)))
+        for loop in (decode_steps, decode_steps_without_cache)
+    ]
+    cached, uncached = runs
+    assert len(cached) == len(uncached) == 12
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(cached, uncached))
+    assert all(torch.allclose(a.logits, b.logits, atol=1e-4) for a, b in zip(cached, uncached))
 
 
 def test_empty_prompt_starts_from_the_bos_token(tiny_model, tokenizer):

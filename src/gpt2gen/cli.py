@@ -8,23 +8,29 @@ are defined in `samples.py`. A parameter whose flag is off stays neutral (temper
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import random
+import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
-
-from .drafters import Drafter, ModelDrafter, PromptLookup, early_exit_model
 from .files import check_writable, write_json_atomic
-from .loading import DEFAULT_MODEL, MODEL_ENV_VAR, LoadedModel, ModelLoadError, load_model
-from .sampling import check_probability, check_temperature, check_top_k
-from .samples import generate_texts, sample_settings, speculative_texts, stream_pieces
 
+if TYPE_CHECKING:
+    from .loading import LoadedModel
+
+# This module imports torch, transformers and Lightning only inside functions, so that an
+# interrupt or a bad value during start-up ends in one line, never a traceback.
 SEED_ENV_VAR = "GPT2GEN_CLI_SEED"  # hands the chosen seed to the worker processes of a multi-device run
+MAX_SAMPLES = 10_000  # more texts than anyone reads; each run keeps all of them in memory
+MAX_SEED = 2**32 - 1
+CHUNK_TOKENS = 16_384  # samples run in batches of at most this many tokens (and 64 rows): bounded memory
+MAX_CHUNK_ROWS = 64
 
 
 class UsageError(ValueError):
@@ -37,9 +43,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from .loading import DEFAULT_MODEL, MODEL_ENV_VAR
+
     parser = _Parser(
-        prog="01_text_generation.py",
+        prog=prog,
         description="Generate text samples with GPT-2 and see how temperature and nucleus (top-p) change them.",
         epilog=(
             "Sweeps: with --use_temperature sample i of n gets temperature 1.2*i/(n-1) (0.0, 0.4, 0.8, 1.2 for 4; "
@@ -52,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model_name", default=None,
                         help=f"Hugging Face model id or local folder (default: ${MODEL_ENV_VAR}, else {DEFAULT_MODEL})")
-    parser.add_argument("--num_samples", type=int, default=4, help="number of text samples to generate (default: 4)")
+    parser.add_argument("--num_samples", type=int, default=4,
+                        help=f"number of text samples to generate, 1 to {MAX_SAMPLES:,} (default: 4)")
     parser.add_argument("--max_length", type=int, default=50,
                         help="maximum length of the generated sequences in tokens, prompt included (default: 50)")
     parser.add_argument("--use_nucleus", action="store_true", help="enable nucleus sampling: sweep top-p over [0, 1] (default: off)")
@@ -61,21 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default=None,
                         help="optional text prompt to start generation (default: the model's beginning-of-text token)")
     parser.add_argument("--devices", default="auto",
-                        help="devices to use: auto, a count (2: two GPUs, or two CPU processes without a GPU), "
-                             "or a list of GPU ids like 0,1 (default: auto)")
-    parser.add_argument("--output_json", default=None, help="path to save the results as JSON, written atomically (default: none)")
+                        help="devices to use: auto, a count (2: two GPUs, or two CPU processes without a GPU, at "
+                             "most one per CPU core and one per sample), or a list of GPU ids like 0,1 (default: auto)")
+    parser.add_argument("--output_json", default=None,
+                        help="path to save the results as JSON, written atomically once all samples are done; only a "
+                             "regular file is replaced (a link to one replaces its target) (default: none)")
     parser.add_argument("--temperature", type=float, default=None,
-                        help="temperature of every sample when --use_temperature is off (default 1.0; 0 = greedy)")
+                        help="temperature of every sample when --use_temperature is off: 0 (greedy) or at least 0.01 "
+                             "(default 1.0)")
     parser.add_argument("--top_k", type=int, default=0, help="keep only the k most probable tokens (default: 0 = off)")
     parser.add_argument("--top_p", type=float, default=None,
                         help="top-p of every sample when --use_nucleus is off (default 1.0 = off)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="random seed; the same seed gives the same output (default: a random seed, recorded)")
+                        help=f"random seed, 0 to {MAX_SEED}: the same seed and the same options give the same texts "
+                             "(--stream, --num_samples and the number of processes are options too: they change how "
+                             "samples are batched, and so which random numbers each sample draws) "
+                             "(default: a random seed, recorded)")
     parser.add_argument("--stream", action="store_true",
-                        help="print tokens as they are generated (samples then run one after another)")
+                        help="print tokens as they are generated (samples then run one after another, sample i with "
+                             "seed + i)")
     speculative = parser.add_argument_group(
         "speculative decoding", "draft tokens cheaply, verify them in one pass of the model: the same text "
-        "(greedy) or the same distribution (sampling), faster; samples run one after another (notebook 07)")
+        "(greedy) or the same distribution (sampling), faster; samples run one after another, sample i with "
+        "seed + i (notebook 07)")
     speculative.add_argument("--prompt_lookup_num_tokens", type=int, default=None,
                              help="draft up to N tokens by finding the last tokens earlier in the prompt and text "
                                   "(prompt lookup, good when the output copies the input; default: off)")
@@ -97,23 +114,42 @@ class DeviceRequest:
     ids: tuple[int, ...] = ()
 
 
-def parse_devices(text: str, gpu_count: int | None = None) -> DeviceRequest:
-    """Parse and check --devices against the GPUs this machine has."""
-    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _is_number(text: str) -> bool:
+    return re.fullmatch(r"[0-9]{1,6}", text) is not None  # ASCII digits: str.isdigit() also accepts '²'
+
+
+def parse_devices(text: str, gpu_count: int | None = None, cores: int | None = None) -> DeviceRequest:
+    """Parse and check --devices against the GPUs (or, without one, the CPU cores) this machine has."""
+    if gpu_count is None:
+        import torch
+
+        gpu_count = torch.cuda.device_count()
+    gpus = gpu_count
     value = text.strip()
     if value == "auto":
         return DeviceRequest("auto", count=max(gpus, 1))
     if "," not in value:
-        if not value.isdigit():
+        if not _is_number(value):
             raise UsageError(f"--devices {text!r} is not valid: use auto, a count like 2, or GPU ids like 0,1")
         count = int(value)
         if count < 1:
             raise UsageError(f"--devices {text!r}: a count must be at least 1 (for GPU 0 alone write --devices 0,)")
         if gpus and count > gpus:
             raise UsageError(f"--devices {count} asks for {count} GPUs but this machine has {gpus}")
+        cores = cpu_cores() if cores is None else cores
+        if not gpus and count > cores:
+            raise UsageError(f"--devices {count} asks for {count} CPU processes but this machine has {cores} CPU "
+                             f"core{'s' if cores != 1 else ''}: use at most --devices {cores}")
         return DeviceRequest("count", count=count)
     parts = [p.strip() for p in value.split(",") if p.strip()]
-    if not parts or not all(p.isdigit() for p in parts):
+    if not parts or not all(_is_number(p) for p in parts):
         raise UsageError(f"--devices {text!r} is not a list of GPU ids like 0,1")
     ids = tuple(int(p) for p in parts)
     if len(set(ids)) != len(ids):
@@ -125,22 +161,27 @@ def parse_devices(text: str, gpu_count: int | None = None) -> DeviceRequest:
     return DeviceRequest("ids", count=len(ids), ids=ids)
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Check every option value before anything is loaded or generated."""
-    if args.num_samples < 1:
-        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
+def validate(args: argparse.Namespace) -> Path | None:
+    """Check every option value before anything is loaded or generated (`args` is left as it is).
+
+    Returns the file to write (`~` expanded, a link resolved to its target), or None without --output_json.
+    """
+    from .sampling import check_probability, check_temperature, check_top_k
+
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise UsageError(f"--num_samples must be between 1 and {MAX_SAMPLES:,}, got {args.num_samples}")
     if args.max_length < 1:
         raise UsageError(f"--max_length must be at least 1, got {args.max_length}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
     if args.use_temperature and args.temperature is not None:
         raise UsageError("--temperature and --use_temperature conflict: the sweep sets each sample's temperature")
     if args.use_nucleus and args.top_p is not None:
         raise UsageError("--top_p and --use_nucleus conflict: the sweep sets each sample's top-p")
-    args.temperature = 1.0 if args.temperature is None else args.temperature
-    args.top_p = 1.0 if args.top_p is None else args.top_p
     try:
-        check_temperature(args.temperature)
+        check_temperature(_temperature(args))
         check_top_k(args.top_k)
-        check_probability("top_p", args.top_p, neutral=1.0)
+        check_probability("top_p", _top_p(args), neutral=1.0)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from exc
     drafters = [o for o in ("prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit")
@@ -152,11 +193,20 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{option} must be at least 1, got {value}")
     if drafters and args.devices.strip() not in ("auto", "1"):
         raise UsageError(f"--{drafters[0]} runs one sample at a time in one process: drop --devices {args.devices}")
-    if args.output_json:
-        try:
-            check_writable(args.output_json)
-        except ValueError as exc:
-            raise UsageError(f"--output_json: {exc}") from exc
+    if args.output_json is None:
+        return None
+    try:
+        return check_writable(args.output_json)
+    except ValueError as exc:
+        raise UsageError(f"--output_json: {exc}") from exc
+
+
+def _temperature(args: argparse.Namespace) -> float:
+    return 1.0 if args.temperature is None else args.temperature
+
+
+def _top_p(args: argparse.Namespace) -> float:
+    return 1.0 if args.top_p is None else args.top_p
 
 
 def max_new_tokens_for(loaded: LoadedModel, prompt: str | None, max_length: int) -> tuple[int, int]:
@@ -174,21 +224,61 @@ def max_new_tokens_for(loaded: LoadedModel, prompt: str | None, max_length: int)
     return max_length - prompt_length, prompt_length
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (terminal escape sequences among them) shown as \\xNN; tabs and newlines kept."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+class Output:
+    """Standard output that treats a closed pipe (`| head`) as the end of output, not as a crash.
+
+    Texts are made printable first; after a BrokenPipeError everything further is dropped.
+    """
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def write(self, text: str, end: str = "\n") -> None:
+        if self.closed:
+            return
+        try:
+            sys.stdout.write(printable(text) + end)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.closed = True
+            # Point stdout at /dev/null so that the flush at exit does not fail again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+
+
 def stream_texts(
-    loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int, max_new_tokens: int,
-    seed: int,
+    out: Output, loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int,
+    max_new_tokens: int, seed: int, keep_going: bool,
 ) -> list[str]:
-    """Samples one after another, each printed token by token; sample i uses seed + i."""
+    """Samples one after another, each printed token by token; sample i uses seed + i.
+
+    When stdout is closed early the rest is generated only if `keep_going` (a file awaits the texts).
+    """
+    from .samples import stream_pieces
+
     texts = []
     for i, setting in enumerate(settings):
-        print(header(i, len(settings), setting), flush=True)
-        print(prompt or "", end="", flush=True)
+        out.write(header(i, len(settings), setting))
+        out.write(prompt or "", end="")
         pieces = []
         for piece in stream_pieces(loaded, prompt, setting, top_k, max_new_tokens, seed + i):
-            print(piece, end="", flush=True)
+            out.write(piece, end="")
             pieces.append(piece)
-        print("\n", flush=True)
+            if out.closed and not keep_going:
+                break
+        out.write("\n")
         texts.append((prompt or "") + "".join(pieces))
+        if out.closed and not keep_going:
+            break
     return texts
 
 
@@ -196,8 +286,11 @@ def header(index: int, total: int, setting: dict[str, float]) -> str:
     return f"=== sample {index + 1}/{total} · temperature {setting['temperature']:g} · top-p {setting['nucleus']:g} ==="
 
 
-def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Callable[[], Drafter], dict] | None:
+def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, dict] | None:
     """A maker of fresh drafters and its description, or None when no speculative option is set."""
+    from .drafters import ModelDrafter, PromptLookup, early_exit_model
+    from .loading import ModelLoadError, load_model
+
     if args.prompt_lookup_num_tokens is not None:
         n = args.prompt_lookup_num_tokens
         return (lambda: PromptLookup(n)), {"drafter": "prompt lookup", "num_draft_tokens": n}
@@ -224,6 +317,31 @@ def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[
     return None
 
 
+def speculative_run(
+    out: Output, loaded: LoadedModel, args: argparse.Namespace, settings: list[dict[str, float]],
+    max_new_tokens: int, seed: int, speculative: tuple[Any, dict],
+) -> tuple[list[str], list[dict[str, int]]]:
+    """Samples one after another with a drafter (sample i with seed + i), streamed if asked; texts and draft counts."""
+    from .samples import speculative_texts
+
+    def on_sample(i: int) -> None:
+        if args.stream:
+            if i:
+                out.write("\n")
+            out.write(header(i, len(settings), settings[i]))
+            out.write(args.prompt or "", end="")
+
+    texts, counts = speculative_texts(
+        loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, speculative[0], on_sample=on_sample,
+        on_text=(lambda piece: out.write(piece, end="")) if args.stream else None,
+    )
+    if args.stream:
+        out.write("\n")
+    drafted, accepted = sum(c["drafted"] for c in counts), sum(c["accepted"] for c in counts)
+    print(f"gpt2gen: {speculative[1]['drafter']}: {accepted} of {drafted} drafted tokens accepted", file=sys.stderr)
+    return texts, counts
+
+
 def choose_seed(seed: int | None) -> int:
     """The given seed, the one a parent process chose, or a fresh random one (recorded so a run can be repeated)."""
     if seed is not None:
@@ -233,61 +351,76 @@ def choose_seed(seed: int | None) -> int:
     return random.SystemRandom().randrange(2**31)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Load, generate, print and save; returns the result (None in the worker processes of a multi-device run)."""
-    validate(args)
+def chunk_rows(max_length: int) -> int:
+    """Samples per batch: at most CHUNK_TOKENS tokens and MAX_CHUNK_ROWS rows, so memory stays bounded."""
+    return max(1, min(MAX_CHUNK_ROWS, CHUNK_TOKENS // max_length))
+
+
+def generate_in_chunks(
+    loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int, max_new_tokens: int,
+    seed: int, rows: int,
+) -> list[str]:
+    """All samples, `rows` at a time; chunk c draws with seed + c (one chunk: exactly `generate_texts`)."""
+    from .samples import generate_texts
+
+    texts: list[str] = []
+    for chunk, start in enumerate(range(0, len(settings), rows)):
+        texts += generate_texts(loaded, prompt, settings[start:start + rows], top_k, max_new_tokens, seed + chunk)
+    return texts
+
+
+def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] | None:
+    """Load, generate, save and print; returns the result (None in the worker processes of a multi-device run).
+
+    The file is written before the texts are printed, so nothing that happens to stdout can lose it.
+    """
+    out = out or Output()
+    target = validate(args)
     request = parse_devices(args.devices)
     seed = choose_seed(args.seed)
-    multi = request.count > 1 and not args.stream
-    is_worker = int(os.environ.get("LOCAL_RANK", "0")) > 0
+    is_worker = _is_worker()
+
+    import torch
+
+    from .loading import DEFAULT_MODEL, MODEL_ENV_VAR, ModelLoadError, load_model
+    from .samples import sample_settings
+
+    processes = min(request.count, args.num_samples)
+    if processes < request.count and not args.stream and not is_worker:
+        print(f"gpt2gen: {args.num_samples} sample{'s' if args.num_samples > 1 else ''}, so "
+              f"{processes} process{'es' if processes > 1 else ''} instead of {request.count}", file=sys.stderr)
+    multi = processes > 1 and not args.stream
     device = "auto" if request.kind != "ids" else f"cuda:{request.ids[0]}"
     try:
         loaded = load_model(args.model_name, device=device, announce=not is_worker)
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from exc
     max_new_tokens, prompt_length = max_new_tokens_for(loaded, args.prompt, args.max_length)
-    settings = sample_settings(args.num_samples, args.use_temperature, args.use_nucleus, args.temperature, args.top_p)
+    settings = sample_settings(args.num_samples, args.use_temperature, args.use_nucleus, _temperature(args), _top_p(args))
+    rows = chunk_rows(args.max_length)
     speculative = speculative_drafter(args, loaded)
     counts: list[dict[str, int]] = []
     started = time.perf_counter()
     if speculative:
         if args.stream:
-            print(f"model: {loaded.label}\n", flush=True)
-
-        def on_sample(i: int) -> None:
-            if args.stream:
-                if i:
-                    print("\n", flush=True)
-                print(header(i, len(settings), settings[i]), flush=True)
-                print(args.prompt or "", end="", flush=True)
-
-        texts, counts = speculative_texts(
-            loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, speculative[0], on_sample=on_sample,
-            on_text=(lambda piece: print(piece, end="", flush=True)) if args.stream else None,
-        )
-        if args.stream:
-            print("\n", flush=True)
-        drafted, accepted = sum(c["drafted"] for c in counts), sum(c["accepted"] for c in counts)
-        print(f"gpt2gen: {speculative[1]['drafter']}: {accepted} of {drafted} drafted tokens accepted", file=sys.stderr)
+            out.write(f"model: {loaded.label}\n")
+        texts, counts = speculative_run(out, loaded, args, settings, max_new_tokens, seed, speculative)
     elif multi:
         from .multidevice import generate_on_devices
 
         os.environ[SEED_ENV_VAR] = str(seed)
-        texts = generate_on_devices(loaded, request, args.prompt, settings, args.top_k, max_new_tokens, seed)
+        used = DeviceRequest(request.kind, processes, request.ids[:processes])
+        texts = generate_on_devices(loaded, used, args.prompt, settings, args.top_k, max_new_tokens, seed, rows)
         if texts is None:  # a worker process: rank 0 reports
             return None
     elif args.stream:
-        print(f"model: {loaded.label}\n", flush=True)
-        texts = stream_texts(loaded, args.prompt, settings, args.top_k, max_new_tokens, seed)
+        out.write(f"model: {loaded.label}\n")
+        texts = stream_texts(out, loaded, args.prompt, settings, args.top_k, max_new_tokens, seed,
+                             keep_going=target is not None)
     else:
-        texts = generate_texts(loaded, args.prompt, settings, args.top_k, max_new_tokens, seed)
+        texts = generate_in_chunks(loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, rows)
     elapsed = time.perf_counter() - started
 
-    if not args.stream:
-        print(f"model: {loaded.label}\n")
-        for i, (setting, text) in enumerate(zip(settings, texts)):
-            print(header(i, len(texts), setting))
-            print(text, end="\n\n")
     result = {
         "metadata": {
             "model_name": args.model_name or os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL,
@@ -303,7 +436,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "prompt_tokens": prompt_length,
             "max_new_tokens": max_new_tokens,
             "devices": args.devices,
-            "processes": request.count if multi else 1,
+            "processes": processes if multi else 1,
             "streamed": args.stream,
             "seconds": round(elapsed, 3),
             "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
@@ -317,10 +450,26 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         }
         for entry, c in zip(result["texts"], counts):
             entry["acceptance_rate"] = round(c["accepted"] / c["drafted"], 4) if c["drafted"] else 0.0
-    if args.output_json:
-        write_json_atomic(args.output_json, result)
-        print(f"gpt2gen: wrote {args.output_json}", file=sys.stderr)
+    if target is not None:
+        try:
+            write_json_atomic(target, result)
+        except ValueError as exc:  # the path became a folder, a device or a missing folder during the run
+            raise WriteError(f"--output_json: {exc}; nothing was written") from exc
+        except OSError as exc:  # disk full, permission changed, ...
+            raise WriteError(f"cannot write {args.output_json!r}: {exc.strerror or exc}; "
+                             "an earlier file at that path is unchanged") from exc
+    if not args.stream:
+        out.write(f"model: {loaded.label}\n")
+        for i, (setting, text) in enumerate(zip(settings, texts)):
+            out.write(header(i, len(texts), setting))
+            out.write(text, end="\n\n")
+    if target is not None:
+        print(f"gpt2gen: wrote {printable(args.output_json)}", file=sys.stderr)
     return result
+
+
+class WriteError(Exception):
+    """The results could not be saved; reported as one line with exit status 1."""
 
 
 def _version(package: str) -> str:
@@ -329,17 +478,77 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad input, with one line on stderr)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _is_worker() -> bool:
+    """True in a worker process that Lightning started for a multi-device run."""
+    return os.environ.get("LOCAL_RANK", "0") not in ("", "0")
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux), so no worker outlives its run."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
     try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class _QuitOnInterrupt:
+    """While the libraries load, Ctrl-C ends the process at once with one line.
+
+    A KeyboardInterrupt raised inside an import can leave a library half-imported, and the
+    library's own error handling then turns it into a misleading ImportError with a traceback;
+    there is nothing to clean up yet, so exiting is right.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGINT, self._quit)
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _quit(self, signum, frame) -> None:
+        if not _is_worker():
+            os.write(2, f"{self.prog}: interrupted\n".encode())
+        os._exit(130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad input, 1 for a file that cannot be written, 130 for Ctrl-C)."""
+    worker = _is_worker()
+    if worker:
+        die_with_parent()
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # an ASCII terminal gets \xb7, not an encoding error
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "gpt2gen-generate"
+    output_json = None
+    try:
+        with _QuitOnInterrupt(prog):
+            from . import loading, samples  # noqa: F401  (torch and transformers: seconds)
+
+            parser = build_parser(prog)
+            args = parser.parse_args(argv)
+            if args.devices.strip() not in ("auto", "1") and not args.stream:
+                from . import multidevice  # noqa: F401  (Lightning)
+        output_json = args.output_json
         run(args)
     except UsageError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {printable(str(exc))}", file=sys.stderr)
         return 2
+    except WriteError as exc:
+        print(f"{prog}: error: {printable(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; no output file was written", file=sys.stderr)
+        if not worker:
+            kept = f"; {output_json!r} was not written (an earlier file there is unchanged)" if output_json else ""
+            print(f"{prog}: interrupted{printable(kept)}", file=sys.stderr)
         return 130
     return 0
 

@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from .generation import generate, stream  # noqa: E402
-from .loading import LoadedModel, load_model  # noqa: E402
+from .loading import LoadedModel, load_model, requested_model_name  # noqa: E402
 from .inspection import token_label  # noqa: E402
 from .sampling import SamplingParams, apply_temperature  # noqa: E402
 
@@ -103,6 +103,16 @@ def make_request(prompt, method, temperature=1.0, top_k=50, top_p=0.9, max_new_t
         max_new_tokens=int(_number("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS, whole=True)),
         seed=seed_value,
     )
+
+
+def check_fits(loaded: LoadedModel, request: Request) -> None:
+    """Refuse a prompt that fills the model's context (2,000 characters can exceed GPT-2's 1,024 tokens)."""
+    tokens = len(loaded.tokenizer(request.prompt, add_special_tokens=False).input_ids)
+    if tokens >= loaded.context_length:
+        raise DemoInputError(
+            f"The prompt is {tokens} tokens long, but {loaded.label} reads at most {loaded.context_length} tokens "
+            "and needs room to write: shorten the prompt."
+        )
 
 
 def chart_frame(logits: torch.Tensor, scores: torch.Tensor, request: Request, loaded: LoadedModel,
@@ -191,9 +201,14 @@ def _tokens(count: int) -> str:
 def compare(loaded: LoadedModel, prompt, methods: Sequence[str], temperature=1.0, top_k=50, top_p=0.9,
             max_new_tokens=60, seed=0) -> pd.DataFrame:
     """The same prompt with several methods, generated as one batch with one row of settings per method."""
-    if not methods:
+    if isinstance(methods, str) or not methods:
         raise DemoInputError("Choose at least one method to compare.")
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise DemoInputError(f"Unknown method {str(unknown[0])[:40]!r}: choose among {', '.join(METHODS)}.")
+    if len(set(methods)) != len(methods):
+        raise DemoInputError(f"Each method can be compared once (at most {len(METHODS)}): {', '.join(METHODS)}.")
     requests = [make_request(prompt, m, temperature, top_k, top_p, max_new_tokens, seed) for m in methods]
+    check_fits(loaded, requests[0])
     params = SamplingParams(
         temperature=[r.params.temperature for r in requests],
         top_k=[r.params.top_k for r in requests],
@@ -204,17 +219,17 @@ def compare(loaded: LoadedModel, prompt, methods: Sequence[str], temperature=1.0
     return pd.DataFrame({"method": list(methods), "settings": [r.settings for r in requests], "text": result.texts})
 
 
-_loaded: LoadedModel | None = None
+_loaded: dict[str, LoadedModel] = {}
 _loaded_lock = threading.Lock()
 
 
 def get_model(name: str | None = None) -> LoadedModel:
-    """The demo's model, loaded once per process."""
-    global _loaded
+    """The demo's model for `name` (None: $GPT2GEN_MODEL, else gpt2), loaded once per process and name."""
+    key = requested_model_name(name)[0]
     with _loaded_lock:
-        if _loaded is None:
-            _loaded = load_model(name)
-        return _loaded
+        if key not in _loaded:
+            _loaded[key] = load_model(name)
+        return _loaded[key]
 
 
 def _visibility(method: str):
@@ -236,8 +251,9 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
     def run_stream(prompt, method, temperature, top_k, top_p, max_new_tokens, seed, request: gr.Request):
         try:
             checked = make_request(prompt, method, temperature, top_k, top_p, max_new_tokens, seed)
+            check_fits(loaded, checked)
         except DemoInputError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None
         event = threading.Event()
         with stops_lock:
             stops[request.session_hash] = event
@@ -249,7 +265,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
         try:
             return compare(loaded, prompt, methods, temperature, top_k, top_p, max_new_tokens, seed or 0)
         except DemoInputError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None
 
     with gr.Blocks(title="How GPT-2 generates text") as app:
         gr.Markdown(f"# How GPT-2 generates text\n**Model:** {loaded.label}")
@@ -334,9 +350,21 @@ def main(argv: list[str] | None = None) -> int:
         loaded = get_model(args.model_name)
     except ModelLoadError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    try:
+        app = launch(loaded, host=args.host, port=args.port, prevent_thread_lock=True, concurrency=args.concurrency)
+    except OSError as exc:
+        parser.exit(2, f"{parser.prog}: error: cannot serve on {args.host}:{args.port}: {_first_line(exc)} "
+                       "(try another --port)\n")
     print(f"Serving the demo with {loaded.label} on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
     try:
-        launch(loaded, host=args.host, port=args.port, concurrency=args.concurrency)
-    except OSError as exc:
-        parser.exit(2, f"{parser.prog}: error: cannot serve on {args.host}:{args.port}: {exc} (try another --port)\n")
+        app.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -18,11 +18,22 @@ def cache_root() -> Path:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Raise ValueError with a clear message if `path` cannot be written as a file; return it resolved."""
-    target = Path(path).expanduser()
+    """Raise ValueError with a clear message if `path` cannot be written as a file; return the path to write.
+
+    `~` is expanded. Only a regular file is ever replaced: a device, a FIFO, a socket or a folder
+    at the path is refused. A symbolic link to a regular file (or to a file not yet there) stands
+    for its target: the target is replaced and the link is kept.
+    """
+    if not str(path):
+        raise ValueError("the path is empty; give a file path such as 'results.json'")
+    given = Path(path).expanduser()
+    target = given.resolve() if given.is_symlink() else given
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
-        raise ValueError(f"{str(path)!r} is a directory; give a file path such as {str(target / 'results.json')!r}")
+        raise ValueError(f"{str(path)!r} is a directory; give a file path such as {str(given / 'results.json')!r}")
+    if target.exists() and not target.is_file():
+        raise ValueError(f"{str(path)!r} exists and is not a regular file (a device, pipe or socket); "
+                         "it is left alone: give the path of a regular file")
     if not parent.is_dir():
         raise ValueError(f"cannot write {str(path)!r}: the directory {str(parent)!r} does not exist (create it first)")
     if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
@@ -34,9 +45,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temporary file beside `path`, flush it to disk, then rename it over `path`.
 
     A reader sees either the old file or the complete new one, never a truncated file, even if the
-    process is killed while writing.
+    process is killed while writing. The path is checked again with `check_writable` (so a device
+    or pipe that appeared since is refused with ValueError); a failed write raises OSError and
+    leaves the old file as it was.
     """
-    target = Path(path)
+    target = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -75,15 +75,45 @@ def decode_steps(
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
-    use_cache: bool = True,
-    fused: bool = True,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
 
-    With `use_cache` the prompt is run once and each later step feeds only the new token, reusing
-    the keys and values of earlier positions (`DynamicCache`); without it every step re-runs the
-    whole sequence (for comparison only: same tokens, much slower).
+    The prompt is run once; each later step feeds only the new token and reuses the keys and
+    values of earlier positions from a KV cache (`DynamicCache`).
     """
+    return _decode(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+                   cached=True)
+
+
+def decode_steps_without_cache(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 50,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Iterator[Step]:
+    """`decode_steps` without a KV cache, to show what the cache saves: every step re-runs the whole sequence.
+
+    The same tokens as `decode_steps`, ever slower as the text grows (notebooks 02 and 05 time both).
+    """
+    return _decode(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+                   cached=False)
+
+
+def _decode(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    params: SamplingParams,
+    max_new_tokens: int,
+    generator: torch.Generator | None,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    cached: bool,
+) -> Iterator[Step]:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     limit = context_length(model)
@@ -92,6 +122,12 @@ def decode_steps(
             f"the prompt is {input_ids.shape[1]} tokens long but the model's context holds {limit} tokens "
             "in all: shorten the prompt to leave room for new tokens"
         )
+    return _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+                  cached, limit)
+
+
+def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
+           cached, limit) -> Iterator[Step]:
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if pad_token_id is None:
@@ -101,22 +137,22 @@ def decode_steps(
     # Like `generate`, pass no mask when nothing is padded (a faster attention path).
     padded = not bool(attention_mask.all())
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache = DynamicCache() if use_cache else None
+    cache = DynamicCache() if cached else None
     sequence, next_input, next_positions = input_ids, input_ids, position_ids
 
     for _ in range(min(max_new_tokens, limit - input_ids.shape[1])):
         with torch.inference_mode():
             out = model(
-                input_ids=next_input if use_cache else sequence,
+                input_ids=next_input if cached else sequence,
                 attention_mask=attention_mask if padded else None,
-                position_ids=next_positions if use_cache else position_ids,
+                position_ids=next_positions if cached else position_ids,
                 past_key_values=cache,
-                use_cache=use_cache,
+                use_cache=cached,
                 logits_to_keep=1,
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
-        tokens, scores = select_tokens(logits, params, generator, fused)
+        tokens, scores = select_tokens(logits, params, generator)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
@@ -137,26 +173,22 @@ def generate(
     params: SamplingParams = SamplingParams(),
     max_new_tokens: int = 50,
     seed: int | None = None,
-    use_cache: bool = True,
     stop_at_eos: bool = True,
     output_scores: bool = False,
     progress: bool = False,
-    fused: bool = True,
 ) -> GenerationResult:
     """Generate a continuation of each prompt as one batch; `params` may hold one value per prompt.
 
     `seed` makes sampling reproducible (the same seed and settings give the same text, and the
     same tokens as `torch.manual_seed(seed); model.generate(...)`). `output_scores` keeps each
-    step's raw logits and processed scores, for plots. `fused` computes top-p on the top-k
-    survivors when both are set (same scores, faster); `use_cache=False` re-runs the whole sequence
-    at every step (same tokens, slower); both switches exist to measure what they save.
+    step's raw logits and processed scores, for plots.
     """
     device = model.device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
     eos = tokenizer.eos_token_id if stop_at_eos else None
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, fused=fused,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []

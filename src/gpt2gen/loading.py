@@ -8,19 +8,20 @@ and that cannot be loaded raises `ModelLoadError`, whose message says what, why 
 
 from __future__ import annotations
 
-import functools
 import os
-import socket
+import shutil
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from . import embedded
+from .files import cache_root
 
 DEFAULT_MODEL = "gpt2"
 MODEL_ENV_VAR = "GPT2GEN_MODEL"
@@ -91,11 +92,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError as exc:
         raise ValueError(f"device {device!r} is not a device name (use auto, cpu, cuda, cuda:0 or mps)") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu or auto")
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available; ask for device 'cpu' or 'auto'")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} asked for, but MPS is not available; use cpu or auto")
+        raise ValueError(f"device {device!r} asked for, but MPS is not available; ask for device 'cpu' or 'auto'")
     return resolved
 
 
@@ -110,6 +111,12 @@ def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
     return DTYPES[dtype]
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+HUB_PROBE_MEMORY_S = 60.0  # an unreachable Hub is tried again after this long
+_last_failed_probe: dict[str, float] = {}
+_probe_lock = threading.Lock()
+
+
 def hub_offline() -> bool:
     """True when the Hub is switched off (HF_HUB_OFFLINE) or cannot be reached within a few seconds."""
     from huggingface_hub import constants
@@ -119,16 +126,28 @@ def hub_offline() -> bool:
     return not _hub_reachable(constants.ENDPOINT)
 
 
-@functools.lru_cache(maxsize=4)
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    # huggingface_hub retries an unreachable host for ~25 s; a direct connection attempt answers at once.
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+def _hub_reachable(endpoint: str) -> bool:
+    """Probe the Hub the way its client connects (its HTTP session: proxies from HTTPS_PROXY and the like).
+
+    huggingface_hub's own calls retry an unreachable host for ~25 s; this one request answers within
+    HUB_PROBE_TIMEOUT_S. Any HTTP answer means reachable. A failure is remembered for
+    HUB_PROBE_MEMORY_S only, so a notebook or demo that lives on tries again later.
+    """
+    from huggingface_hub.utils import get_session
+
+    with _probe_lock:
+        failed = _last_failed_probe.get(endpoint)
+        if failed is not None and time.monotonic() - failed < HUB_PROBE_MEMORY_S:
+            return False
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # any transport error: DNS, refused, proxy, TLS, timeout
+        with _probe_lock:
+            _last_failed_probe[endpoint] = time.monotonic()
         return False
+    with _probe_lock:
+        _last_failed_probe.pop(endpoint, None)
+    return True
 
 
 def _is_local_path(name: str) -> bool:
@@ -227,14 +246,48 @@ def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device:
 
 
 def load_embedded(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> LoadedModel:
-    """Load the embedded offline model (SmolLM2-135M-Instruct); it is not GPT-2."""
+    """Load the embedded offline model (SmolLM2-135M-Instruct); it is not GPT-2.
+
+    A damaged cache (truncated weights, broken config, missing tokenizer) is deleted and converted again.
+    """
+    root = cache_root()
+    if root.exists() and not root.is_dir():
+        raise ModelLoadError(
+            f"cannot prepare the embedded offline model: the cache folder {str(root)!r} is a file, not a folder; "
+            "point GPT2GEN_CACHE at a folder (or unset it) or move that file away"
+        )
+    target_dtype = resolve_dtype(dtype)
     try:
         folder = embedded.ensure_converted()
+        try:
+            model, tokenizer = _load_embedded_folder(folder, target_dtype)
+        except Exception as exc:  # a damaged cache: rebuild it once
+            print(f"gpt2gen: the embedded model's cache {folder} is damaged ({_first_line(exc)}); rebuilding it",
+                  file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = embedded.ensure_converted()
+            try:
+                model, tokenizer = _load_embedded_folder(folder, target_dtype)
+            except Exception as again:
+                raise ModelLoadError(
+                    f"cannot load the embedded offline model from its cache {folder}: {_first_line(again)}; "
+                    "delete that folder and try again"
+                ) from again
     except embedded.EmbeddedModelMissing as exc:
         raise ModelLoadError(f"cannot load the embedded offline model: {exc}") from exc
-    model, tokenizer = _from_pretrained(folder, resolve_dtype(dtype))
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot prepare the embedded offline model in {root}: {exc.strerror or exc}; set GPT2GEN_CACHE to a "
+            "writable folder"
+        ) from exc
     _prepare(model, tokenizer, resolve_device(device))
     return LoadedModel(model, tokenizer, embedded.EMBEDDED_DISPLAY_NAME, embedded.EMBEDDED_ALIAS, is_embedded=True)
+
+
+def _load_embedded_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model, tokenizer = _from_pretrained(folder, dtype)
+    _check_tokenizer(tokenizer, str(folder))
+    return model, tokenizer
 
 
 def requested_model_name(name: str | None = None) -> tuple[str, bool]:
@@ -269,8 +322,12 @@ def load_model(
         _check_local(path)
         try:
             model, tokenizer = _from_pretrained(path, target_dtype)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load model {requested!r}: {_first_line(exc)}") from exc
+        except Exception as exc:  # OSError, ValueError, SafetensorError (truncated weights), JSON errors, ...
+            raise ModelLoadError(
+                f"cannot load model {requested!r}: {_first_line(exc)} ({type(exc).__name__}); the files look damaged "
+                "or incomplete: save the model again with save_pretrained"
+            ) from exc
+        _check_tokenizer(tokenizer, requested)
     else:
         try:
             model, tokenizer = _load_hub(requested, target_dtype)
@@ -289,3 +346,12 @@ def load_model(
             return loaded
     _prepare(model, tokenizer, target_device)
     return LoadedModel(model, tokenizer, requested, requested, is_embedded=False)
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    # A folder without tokenizer files loads an empty tokenizer that silently ignores every prompt.
+    if len(tokenizer) < 2:
+        raise ModelLoadError(
+            f"cannot load model {source!r}: the folder has no tokenizer (tokenizer.json, or vocab.json and "
+            "merges.txt). Save it beside the weights with tokenizer.save_pretrained(folder)."
+        )

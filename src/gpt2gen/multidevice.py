@@ -55,8 +55,12 @@ class _SampleGenerator(L.LightningModule):
 
 
 def generate_on_devices(loaded: LoadedModel, request, prompt: str | None, settings: list[dict[str, float]],
-                        top_k: int, max_new_tokens: int, seed: int) -> list[str] | None:
-    """Generate every sample once, spread over the requested devices; None in worker processes."""
+                        top_k: int, max_new_tokens: int, seed: int, max_rows: int | None = None) -> list[str] | None:
+    """Generate every sample once, spread over the requested devices; None in worker processes.
+
+    Each process generates its share in batches of at most `max_rows` samples. Ctrl-C raises
+    KeyboardInterrupt (Lightning itself would exit with status 1 after killing the workers).
+    """
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
@@ -67,8 +71,13 @@ def generate_on_devices(loaded: LoadedModel, request, prompt: str | None, settin
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )
     per_rank = math.ceil(len(settings) / trainer.world_size)
-    loader = DataLoader(list(range(len(settings))), batch_size=per_rank, shuffle=False)
-    trainer.predict(module, loader, return_predictions=False)
+    loader = DataLoader(list(range(len(settings))), batch_size=min(per_rank, max_rows or per_rank), shuffle=False)
+    try:
+        trainer.predict(module, loader, return_predictions=False)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     if trainer.global_rank != 0:
         return None
     indices = [index for index, _ in module.gathered]

@@ -19,6 +19,59 @@ import torch
 
 Param = float | int | Sequence[float] | Sequence[int] | torch.Tensor
 FILTER_VALUE = -math.inf
+MIN_TEMPERATURE = 0.01  # a stated floor: far below it logits / T overflow to inf and the probabilities to nan
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings; each may be one value or one value per batch row.
+
+    temperature: 0 = greedy, < 1 sharper, 1 unchanged, > 1 flatter. top_k: 0 = off.
+    top_p: 1.0 = off, 0.0 = best token only. min_p: 0.0 = off. typical_p: 1.0 = off.
+    """
+
+    temperature: Param = 1.0
+    top_k: Param = 0
+    top_p: Param = 1.0
+    min_p: Param = 0.0
+    typical_p: Param = 1.0
+    min_tokens_to_keep: int = 1
+
+    def __post_init__(self) -> None:
+        check_temperature(self.temperature)
+        check_top_k(self.top_k)
+        check_probability("top_p", self.top_p, neutral=1.0)
+        check_probability("min_p", self.min_p, neutral=0.0)
+        check_typical_p(self.typical_p)
+        check_min_tokens_to_keep(self.min_tokens_to_keep)
+
+    @classmethod
+    def greedy(cls) -> SamplingParams:
+        return cls(temperature=0.0)
+
+    def greedy_rows(self, batch: int) -> torch.Tensor:
+        """Boolean `[batch]`: which rows decode greedily (temperature 0)."""
+        t = torch.as_tensor(_values(self.temperature), dtype=torch.float64)
+        return (t == 0).expand(batch) if t.numel() == 1 else t == 0
+
+    def row(self, index: int) -> SamplingParams:
+        """The settings of one row, as scalars."""
+
+        def pick(value: Param) -> float:
+            values = _values(value)
+            return values[0] if len(values) == 1 else values[index]
+
+        return SamplingParams(
+            temperature=pick(self.temperature),
+            top_k=int(pick(self.top_k)),
+            top_p=pick(self.top_p),
+            min_p=pick(self.min_p),
+            typical_p=pick(self.typical_p),
+            min_tokens_to_keep=self.min_tokens_to_keep,
+        )
+
+
+# Validation: once, when the parameters are made.
 
 
 def _values(value: Param) -> list[float]:
@@ -30,17 +83,20 @@ def _values(value: Param) -> list[float]:
 
 
 def check_temperature(value: Param) -> None:
-    """Raise ValueError unless every temperature is a number >= 0."""
+    """Raise ValueError unless every temperature is 0 (greedy) or a finite number >= MIN_TEMPERATURE."""
     for t in _values(value):
         if not t >= 0 or math.isinf(t):  # `not >=` also catches NaN
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (tiny ones overflow the "
+                             f"probabilities; 0 gives their limit, greedy decoding), got {t:g}")
 
 
 def check_top_k(value: Param) -> None:
     """Raise ValueError unless every top_k is a whole number >= 0."""
     for k in _values(value):
         if not k >= 0 or math.isinf(k) or k != int(k):
-            raise ValueError(f"top_k must be a whole number >= 0 (0 turns top-k off), got {k}")
+            raise ValueError(f"top_k must be a whole number >= 0 (0 turns top-k off), got {k:g}")
 
 
 def check_probability(name: str, value: Param, neutral: float) -> None:
@@ -56,6 +112,13 @@ def check_min_tokens_to_keep(value: int) -> None:
         raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {value!r}")
 
 
+def check_typical_p(value: Param) -> None:
+    """Raise ValueError unless every typical_p lies in (0, 1]."""
+    for p in _values(value):
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"typical_p must be in (0, 1] (1 turns it off), got {p}")
+
+
 def per_row(value: Param, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A parameter as a `[batch, 1]` column: one value broadcast, or one value per row."""
     batch = logits.shape[0]
@@ -65,6 +128,9 @@ def per_row(value: Param, logits: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     if column.shape[0] != batch:
         raise ValueError(f"got {column.shape[0]} per-row values for a batch of {batch} rows")
     return column
+
+
+# The filters, in the order the pipeline applies them.
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -140,13 +206,6 @@ def min_p_filter(logits: torch.Tensor, min_p: Param, min_tokens_to_keep: int = 1
     return logits.masked_fill(remove & active, FILTER_VALUE)
 
 
-def check_typical_p(value: Param) -> None:
-    """Raise ValueError unless every typical_p lies in (0, 1]."""
-    for p in _values(value):
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"typical_p must be in (0, 1] (1 turns it off), got {p}")
-
-
 def typical_filter(logits: torch.Tensor, typical_p: Param, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Locally typical sampling (Meister et al., 2022): keep the tokens whose surprisal is closest to the entropy.
 
@@ -171,53 +230,7 @@ def typical_filter(logits: torch.Tensor, typical_p: Param, min_tokens_to_keep: i
     return logits.masked_fill(remove, FILTER_VALUE)
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """Decoding settings; each may be one value or one value per batch row.
-
-    temperature: 0 = greedy, < 1 sharper, 1 unchanged, > 1 flatter. top_k: 0 = off.
-    top_p: 1.0 = off, 0.0 = best token only. min_p: 0.0 = off. typical_p: 1.0 = off.
-    """
-
-    temperature: Param = 1.0
-    top_k: Param = 0
-    top_p: Param = 1.0
-    min_p: Param = 0.0
-    typical_p: Param = 1.0
-    min_tokens_to_keep: int = 1
-
-    def __post_init__(self) -> None:
-        check_temperature(self.temperature)
-        check_top_k(self.top_k)
-        check_probability("top_p", self.top_p, neutral=1.0)
-        check_probability("min_p", self.min_p, neutral=0.0)
-        check_typical_p(self.typical_p)
-        check_min_tokens_to_keep(self.min_tokens_to_keep)
-
-    @classmethod
-    def greedy(cls) -> SamplingParams:
-        return cls(temperature=0.0)
-
-    def greedy_rows(self, batch: int) -> torch.Tensor:
-        """Boolean `[batch]`: which rows decode greedily (temperature 0)."""
-        t = torch.as_tensor(_values(self.temperature), dtype=torch.float64)
-        return (t == 0).expand(batch) if t.numel() == 1 else t == 0
-
-    def row(self, index: int) -> SamplingParams:
-        """The settings of one row, as scalars."""
-
-        def pick(value: Param) -> float:
-            values = _values(value)
-            return values[0] if len(values) == 1 else values[index]
-
-        return SamplingParams(
-            temperature=pick(self.temperature),
-            top_k=int(pick(self.top_k)),
-            top_p=pick(self.top_p),
-            min_p=pick(self.min_p),
-            typical_p=pick(self.typical_p),
-            min_tokens_to_keep=self.min_tokens_to_keep,
-        )
+# The fused filter: a lesson in what top-p needs to look at.
 
 
 def fused_top_k_top_p(
@@ -255,15 +268,18 @@ def fused_top_k_top_p(
     return out.scatter(1, indices, values.masked_fill(remove, FILTER_VALUE))
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, fused: bool = True) -> torch.Tensor:
+# The pipeline.
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The whole warping pipeline, in `transformers`' order: temperature, top-k, top-p, min-p, typical.
 
-    With `fused`, top-k followed by top-p runs on the k survivors only (`fused_top_k_top_p`):
+    Where both top-k and top-p are set, top-p runs on the k survivors only (`fused_top_k_top_p`):
     the same scores, faster.
     """
     keep = params.min_tokens_to_keep
     scores = apply_temperature(logits, params.temperature)
-    both = fused and _any(params.top_k, lambda k: k > 0) and _any(params.top_p, lambda p: p < 1.0)
+    both = _any(params.top_k, lambda k: k > 0) and _any(params.top_p, lambda p: p < 1.0)
     combined = fused_top_k_top_p(scores, params.top_k, params.top_p, keep) if both else None
     if combined is None:
         scores = top_k_filter(scores, params.top_k, keep)
@@ -279,7 +295,7 @@ def _any(value: Param, test) -> bool:
 
 
 def select_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None, fused: bool = True
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row: argmax for greedy rows, a draw from the warped distribution otherwise.
 
@@ -292,7 +308,7 @@ def select_tokens(
     tokens = greedy(logits)
     if bool(greedy_rows.all()):
         return tokens, logits  # nothing to warp, nothing to draw (like generate(do_sample=False))
-    scores = process_logits(logits, params, fused)
+    scores = process_logits(logits, params)
     probs = torch.softmax(scores, dim=-1)
     sampled = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
     return torch.where(greedy_rows, tokens, sampled), scores

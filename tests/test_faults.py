@@ -1,0 +1,543 @@
+"""Fault injection: special files, closed pipes, a full disk, kills at each stage, corrupt models and caches,
+hostile requests to the demo. Each test names the promise it checks (README, "Under faults")."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2gen import cli, embedded, loading
+from gpt2gen.loading import ModelLoadError, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "results" / "01_text_generation.py"
+DEMO = ROOT / "results" / "02_interactive_demo.py"
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def cli_env(model: Path | str, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPT2GEN_MODEL": str(model), **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def run_cli(*args: str, model: Path | str, cwd: Path | None = None, timeout: int = 180, **env: str):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          env=cli_env(model, **env), cwd=cwd, timeout=timeout)
+
+
+def one_error_line(done: subprocess.CompletedProcess, status: int, message: str) -> None:
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith(("generating:", "[transformers]", "You may"))]
+    assert len(lines) == 1 and "error:" in lines[0] and message in lines[0], done.stderr
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A GPT-2 big enough that generating takes seconds, to be interrupted in the middle."""
+    folder = tmp_path_factory.mktemp("slow-gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=256, n_head=4, n_positions=512)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def wait_for(proc: subprocess.Popen, text: bytes, seconds: float = 120) -> bytes:
+    """Read the process's stderr until `text` appears."""
+    seen = b""
+    deadline = time.monotonic() + seconds
+    while text not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += os.read(proc.stderr.fileno(), 4096) or b""
+    assert text in seen, seen.decode(errors="replace")
+    return seen
+
+
+# --- 1. special files are never replaced ---------------------------------------------------------
+
+def special_files(tmp_path: Path) -> dict[str, Path]:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link-to-null"
+    link.symlink_to(os.devnull)
+    files = {"fifo": fifo, "link to /dev/null": link, "/dev/null": Path(os.devnull)}
+    if IS_ROOT:
+        device = tmp_path / "null-device"
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        files["character device"] = device
+    return files
+
+
+def test_special_files_are_refused_before_generating_and_left_alone(tiny_model_dir, tmp_path):
+    for name, path in special_files(tmp_path).items():
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
+        done = run_cli("--output_json", str(path), model=tiny_model_dir)
+        one_error_line(done, 2, "is not a regular file")
+        assert "generating" not in done.stderr, name
+        assert stat.S_IFMT(os.lstat(path).st_mode) == kind, name  # still a FIFO, link or device
+
+
+def test_a_link_to_a_regular_file_replaces_its_target_and_keeps_the_link(tiny_model_dir, tmp_path):
+    target = tmp_path / "real.json"
+    target.write_text("old\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    # Also: a prompt with terminal escape sequences reaches the terminal harmless, the file raw.
+    done = run_cli("--output_json", str(link), "--num_samples", "1", "--max_length", "24",
+                   "--prompt", "\x1b[2J\x1b]0;pwned\x07Hi", model=tiny_model_dir)
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink() and link.resolve() == target
+    assert json.loads(target.read_text())["texts"][0]["text"].startswith("\x1b[2J\x1b]0;pwned\x07Hi")
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+    assert "\\x1b[2J\\x1b]0;pwned\\x07Hi" in done.stdout
+
+
+# --- 2. the file is written whatever happens to stdout -------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True], ids=["batch", "stream"])
+def test_a_pipe_closed_early_still_gets_the_file_written(tiny_model_dir, tmp_path, stream):
+    out = tmp_path / "r.json"
+    command = [sys.executable, str(SCRIPT), "--num_samples", "3", "--max_length", "20", "--output_json", str(out)]
+    reader = "head -c 20" if stream else "head -1"
+    command += ["--stream"] if stream else []
+    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(tiny_model_dir))
+    head = subprocess.run(reader.split(), stdin=writer.stdout, capture_output=True, timeout=180)
+    writer.stdout.close()
+    _, stderr = writer.communicate(timeout=180)
+    assert head.stdout.startswith(b"model:")
+    assert writer.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
+    assert len(json.loads(out.read_text())["texts"]) == 3
+
+
+def test_an_ascii_terminal_gets_escapes_and_the_file_is_written(tiny_model_dir, tmp_path):
+    out = tmp_path / "r.json"
+    done = run_cli("--num_samples", "1", "--max_length", "8", "--output_json", str(out), model=tiny_model_dir,
+                   PYTHONIOENCODING="ascii")
+    assert done.returncode == 0, done.stderr
+    assert "=== sample 1/1 \\xb7 temperature 1" in done.stdout
+    assert len(json.loads(out.read_text())["texts"]) == 1
+
+
+# --- 3. writing fails: one line, the old file kept ------------------------------------------------
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs filled to the last byte (mounting needs root); skipped where it cannot be mounted."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if not IS_ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                     capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (test_a_failing_writer_keeps_the_old_file covers the logic)")
+    try:
+        (mount / "results.json").write_text('{"earlier": "run"}\n')
+        with open(mount / "filler", "wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+                    filler.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tiny_model_dir, full_disk):
+    out = full_disk / "results.json"
+    done = run_cli("--num_samples", "2", "--max_length", "12", "--output_json", str(out), model=tiny_model_dir)
+    one_error_line(done, 1, "No space left on device; an earlier file at that path is unchanged")
+    assert out.read_text() == '{"earlier": "run"}\n'
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "results.json"]
+
+
+def cli_args(output: Path, **overrides) -> argparse.Namespace:
+    args = cli.build_parser().parse_args(["--num_samples", "2", "--max_length", "10", "--output_json", str(output)])
+    return argparse.Namespace(**{**vars(args), **overrides})
+
+
+def test_a_failing_writer_keeps_the_old_file(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "results.json"
+    out.write_text("old\n")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setenv("GPT2GEN_MODEL", str(tiny_model_dir))
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(cli.WriteError, match="No space left on device; an earlier file at that path is unchanged"):
+        cli.run(cli_args(out))
+    assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_the_output_folder_removed_during_the_run_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    real = cli.generate_in_chunks
+
+    def remove_folder_then_generate(*args, **kwargs):
+        shutil.rmtree(folder)
+        return real(*args, **kwargs)
+
+    monkeypatch.setenv("GPT2GEN_MODEL", str(tiny_model_dir))
+    monkeypatch.setattr(cli, "generate_in_chunks", remove_folder_then_generate)
+    with pytest.raises(cli.WriteError, match="does not exist"):
+        cli.run(cli_args(folder / "r.json"))
+
+
+def test_a_quoted_tilde_path_is_expanded_by_the_writer_too(tiny_model_dir, tmp_path):
+    done = run_cli("--num_samples", "1", "--max_length", "8", "--output_json", "~/r.json", model=tiny_model_dir,
+                   cwd=tmp_path, HOME=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["metadata"]["num_samples"] == 1
+    assert not (tmp_path / "~").exists()
+
+
+# --- 4, 5. bounded resources: processes, samples ----------------------------------------------
+
+def test_more_processes_than_samples_uses_one_per_sample(tiny_model_dir, tmp_path):
+    out = tmp_path / "r.json"
+    done = run_cli("--devices", "2", "--num_samples", "1", "--max_length", "10", "--output_json", str(out),
+                   model=tiny_model_dir)
+    assert done.returncode == 0, done.stderr
+    assert "gpt2gen: 1 sample, so 1 process instead of 2" in done.stderr
+    assert json.loads(out.read_text())["metadata"]["processes"] == 1
+
+
+def test_many_samples_run_in_chunks_of_bounded_size():
+    assert cli.chunk_rows(50) == cli.MAX_CHUNK_ROWS
+    assert cli.chunk_rows(1024) == cli.CHUNK_TOKENS // 1024 and cli.chunk_rows(10**6) == 1
+
+
+def test_chunks_reproduce_and_the_first_chunk_is_the_one_batch_run(tiny_model_dir):
+    from gpt2gen.samples import generate_texts, sample_settings
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    settings = sample_settings(5, True, False)
+    chunked = cli.generate_in_chunks(loaded, "Hi", settings, 0, 6, seed=3, rows=2)
+    assert len(chunked) == 5
+    assert chunked == cli.generate_in_chunks(loaded, "Hi", settings, 0, 6, seed=3, rows=2)
+    assert chunked[:2] == generate_texts(loaded, "Hi", settings[:2], 0, 6, seed=3)
+
+
+def test_validation_leaves_the_arguments_alone(tmp_path):
+    args = cli.build_parser().parse_args(["--output_json", "~/x.json"])
+    before = dict(vars(args))
+    cli.validate(args)
+    assert vars(args) == before
+
+
+def test_the_console_command_reports_errors_under_its_own_name():
+    command = Path(sys.executable).with_name("gpt2gen-generate")
+    done = subprocess.run([str(command), "--num_samples", "0"], capture_output=True, text=True, timeout=120,
+                          env=cli_env("unused"))
+    assert done.returncode == 2
+    assert done.stderr.startswith("gpt2gen-generate: error: --num_samples must be between 1 and 10,000, got 0")
+
+
+# --- kills and interrupts at each stage ---------------------------------------------------------
+
+@pytest.mark.parametrize("delay", [0.6, 1.5, 3.0])
+def test_ctrl_c_while_the_libraries_load_is_quiet(tiny_model_dir, tmp_path, delay):
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--output_json", str(tmp_path / "r.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(tiny_model_dir))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip(f"the run finished within {delay} s")
+    assert proc.returncode == 130, stderr.decode()
+    assert b"Traceback" not in stderr and b"KeyboardInterrupt" not in stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("with_file", [False, True], ids=["no-file", "file"])
+def test_interrupted_says_what_happened_to_the_file(slow_model_dir, tmp_path, with_file):
+    out = tmp_path / "r.json"
+    args = ["--num_samples", "16", "--max_length", "400"] + (["--output_json", str(out)] if with_file else [])
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=cli_env(slow_model_dir))
+    wait_for(proc, b"generating:")
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    last = rest.decode().strip().splitlines()[-1]
+    assert proc.returncode == 130
+    assert "interrupted" in last and "Traceback" not in rest.decode()
+    assert ("was not written" in last) is with_file
+
+
+def survivors(pids: list[int], seconds: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.2)
+    return alive
+
+
+def start_two_processes(model: Path, tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A --devices 2 run, returned once both processes generate; with the workers' process ids."""
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--devices", "2", "--num_samples", "8", "--max_length", "400",
+         "--output_json", str(tmp_path / "r.json")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(model), start_new_session=True,
+    )
+    wait_for(proc, b"generating:", seconds=240)
+    workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert workers, "no worker process was started"
+    return proc, workers
+
+
+def test_killing_the_parent_of_a_two_process_run_leaves_no_orphan(slow_model_dir, tmp_path):
+    proc, workers = start_two_processes(slow_model_dir, tmp_path)
+    proc.kill()
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    assert survivors(workers) == []
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_ctrl_c_in_a_two_process_run_is_one_line_and_ends_every_process(slow_model_dir, tmp_path):
+    proc, workers = start_two_processes(slow_model_dir, tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest.decode()
+    text = rest.decode()
+    assert "Traceback" not in text and "Error" not in text, text
+    assert [line for line in text.splitlines() if "interrupted" in line] == [f"{SCRIPT.name}: interrupted; "
+                                                                            f"{str(tmp_path / 'r.json')!r} was not "
+                                                                            "written (an earlier file there is unchanged)"]
+    assert survivors(workers) == []
+
+
+# --- 6, 8. corrupt model folders and caches ------------------------------------------------------
+
+def damaged_copy(source: Path, folder: Path, damage: str) -> Path:
+    shutil.copytree(source, folder)
+    if damage == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:3000])
+    elif damage == "empty weights":
+        (folder / "model.safetensors").write_bytes(b"")
+    elif damage == "broken config.json":
+        (folder / "config.json").write_text('{"model_type": "gpt2", ')
+    elif damage == "no tokenizer files":
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+            (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "empty weights", "broken config.json", "no tokenizer files"])
+def test_a_damaged_model_folder_is_a_clear_error(tiny_model_dir, tmp_path, damage):
+    folder = damaged_copy(tiny_model_dir, tmp_path / "model", damage)
+    with pytest.raises(ModelLoadError, match=f"cannot load model '{folder}': ") as caught:
+        load_model(str(folder))
+    assert "\n" not in str(caught.value)
+    if damage == "no tokenizer files":
+        assert "no tokenizer" in str(caught.value) and "tokenizer.save_pretrained" in str(caught.value)
+
+
+def test_the_cli_reports_a_damaged_model_in_one_line(tiny_model_dir, tmp_path):
+    folder = damaged_copy(tiny_model_dir, tmp_path / "model", "empty weights")
+    one_error_line(run_cli(model=folder), 2, "save the model again with save_pretrained")
+
+
+def test_a_cache_path_that_is_a_file_is_refused_before_converting(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("GPT2GEN_CACHE", str(blocker))
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="is a file, not a folder; point GPT2GEN_CACHE at a folder"):
+        loading.load_embedded()
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def embedded_cache_copy(tmp_path, monkeypatch) -> Path:
+    """A private GPT2GEN_CACHE holding a copy of the converted embedded model (weights hard-linked)."""
+    real = embedded.ensure_converted()
+    monkeypatch.setenv("GPT2GEN_CACHE", str(tmp_path / "cache"))
+    copy = embedded.converted_folder(embedded.gguf_path())
+    copy.mkdir(parents=True)
+    for item in real.iterdir():
+        try:
+            os.link(item, copy / item.name)
+        except OSError:
+            shutil.copy2(item, copy / item.name)
+    return copy
+
+
+def test_a_damaged_embedded_cache_is_rebuilt(embedded_cache_copy, capsys):
+    """Truncated weights and a lost tokenizer.json: the loader deletes the cache and converts again (~20 s)."""
+    weights = embedded_cache_copy / "model.safetensors"
+    weights.unlink()  # never truncate the hard-linked original
+    weights.write_bytes(b"\0" * 100)
+    (embedded_cache_copy / "tokenizer.json").unlink()
+    loaded = load_model(embedded.EMBEDDED_ALIAS, device="cpu")
+    assert loaded.is_embedded and len(loaded.tokenizer) > 1000
+    assert "is damaged" in capsys.readouterr().err
+    assert (embedded_cache_copy / "tokenizer.json").is_file() and weights.stat().st_size > 10**8
+
+
+# --- 9. the Hub probe, loader messages ----------------------------------------------------------
+
+@pytest.fixture
+def fake_proxy(monkeypatch):
+    """An HTTP proxy on loopback that records the requests it gets and answers 502."""
+    from huggingface_hub.utils import close_session
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    seen: list[str] = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                seen.append(conn.recv(4096).decode(errors="replace").split("\r\n")[0])
+                conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    close_session()
+    yield seen
+    close_session()
+    server.close()
+
+
+def test_the_hub_probe_goes_through_the_proxy_and_tries_again_later(fake_proxy, monkeypatch):
+    endpoint = "https://huggingface.co"
+    loading._last_failed_probe.clear()
+    assert loading._hub_reachable(endpoint) is False
+    assert fake_proxy and fake_proxy[0].startswith("CONNECT huggingface.co:443")
+    assert loading._hub_reachable(endpoint) is False and len(fake_proxy) == 1  # remembered for a while
+    now = time.monotonic()
+    monkeypatch.setattr(loading.time, "monotonic", lambda: now + loading.HUB_PROBE_MEMORY_S + 1)
+    assert loading._hub_reachable(endpoint) is False and len(fake_proxy) == 2  # then asked again
+    loading._last_failed_probe.clear()
+
+
+def test_device_errors_name_no_cli_option():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError) as caught:
+        loading.resolve_device("cuda")
+    assert "--device" not in str(caught.value) and "'cpu'" in str(caught.value)
+
+
+# --- the demo under hostile requests ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def test_compare_accepts_only_distinct_known_methods(tiny):
+    from gpt2gen.demo import DemoInputError, compare
+
+    with pytest.raises(DemoInputError, match="Each method can be compared once"):
+        compare(tiny, "Hi", ["Greedy"] * 2000)
+    with pytest.raises(DemoInputError, match="Unknown method 'Beam'"):
+        compare(tiny, "Hi", ["Greedy", "Beam"])
+    with pytest.raises(DemoInputError, match="at least one method"):
+        compare(tiny, "Hi", "Greedy")
+
+
+def test_a_prompt_beyond_the_context_is_a_clear_message(tiny):
+    from gpt2gen.demo import DemoInputError, compare
+
+    long_prompt = "🙂" * 100  # 100 characters, more tokens than the tiny model's 128-token context
+    with pytest.raises(DemoInputError, match=r"tokens long, but .* reads at most 128 tokens"):
+        compare(tiny, long_prompt, ["Greedy"])
+
+
+def test_the_demo_model_getter_honours_the_name(tiny_model_dir, tmp_path, tokenizer):
+    from conftest import tiny_gpt2
+
+    from gpt2gen import demo
+
+    other = tmp_path / "other"
+    tiny_gpt2(seed=1, n_positions=64).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    first, second = demo.get_model(str(tiny_model_dir)), demo.get_model(str(other))
+    assert first.name == str(tiny_model_dir) and second.name == str(other) and second.context_length == 64
+    assert demo.get_model(str(tiny_model_dir)) is first
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_demo_refuses_hostile_requests_without_tracebacks(tiny, capfd):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from gpt2gen.demo import launch
+
+    port = free_port()
+    app = launch(tiny, port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        capfd.readouterr()
+        with pytest.raises(AppError, match="the demo accepts up to 2000"):
+            client.predict("x" * 100_000, "Greedy", 1.0, 50, 0.9, 8, 0, api_name="/generate")
+        with pytest.raises(AppError, match="reads at most 128 tokens"):
+            client.predict("🙂" * 100, "Greedy", 1.0, 50, 0.9, 8, 0, api_name="/generate")
+        with pytest.raises(AppError, match="Each method can be compared once"):
+            client.predict("Hi", ["Greedy"] * 2000, 1.0, 50, 0.9, 8, 0, api_name="/compare")
+        logged = capfd.readouterr()
+        assert "Traceback" not in logged.err + logged.out
+    finally:
+        app.close()
+
+
+def test_demo_with_its_port_in_use_says_so_only(tiny_model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, str(DEMO), "--port", str(port)], capture_output=True, text=True,
+                              timeout=180, env=cli_env(tiny_model_dir))
+    assert done.returncode == 2
+    assert "Serving" not in done.stderr and "Traceback" not in done.stderr
+    assert f"cannot serve on 127.0.0.1:{port}" in done.stderr
+
+
+def test_the_readme_states_the_limits_the_code_applies():
+    from gpt2gen import demo
+    from gpt2gen.sampling import MIN_TEMPERATURE
+
+    section = (ROOT / "README.md").read_text().split("## Under faults", 1)[1].split("\n## ", 1)[0]
+    for stated in (f"1 to {cli.MAX_SAMPLES:,}", f"at most {cli.CHUNK_TOKENS:,} tokens ({cli.MAX_CHUNK_ROWS} rows",
+                   "0 to 2³²−1", f"at least {MIN_TEMPERATURE:g}", f"{demo.MAX_PROMPT_CHARS:,} characters",
+                   f"{demo.MAX_NEW_TOKENS}; {demo.TEMPERATURE_RANGE[0]:g} to {demo.TEMPERATURE_RANGE[1]:g}; "
+                   f"{demo.TOP_K_RANGE[0]} to {demo.TOP_K_RANGE[1]}", "at most once",
+                   f"{loading.HUB_PROBE_MEMORY_S:g} seconds"):
+        assert stated in section, stated
+    assert cli.MAX_SEED == 2**32 - 1

@@ -154,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of alternated runs; best time kept (default 2)")
     parser.add_argument("--conditions", default="",
                         help="a note on how quiet the machine was, stored in the JSON (e.g. 'shared with 4 agents')")
+    parser.add_argument("--prompts", nargs="*", default=None, metavar="TITLE",
+                        help="measure only these prompts (default: all): " + ", ".join(
+                            repr(t) for prompts in PROMPTS.values() for t in prompts))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON file to write (default: {RESULTS})")
     args = parser.parse_args(argv)
     new_tokens, draft_lengths, repeats = (32, [2, 4, 10], 1) if args.quick else (128, [*range(1, 9), 10], args.repeats)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_model("embedded", device="cpu")
     loaded.model.generation_config.eos_token_id = None  # every run produces exactly `new_tokens` tokens
     loaded.model.generation_config.pad_token_id = loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id
@@ -179,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, prompts in PROMPTS.items():
         results["prompts"][kind] = {}
         for title, request in prompts.items():
+            if args.prompts is not None and title not in args.prompts:
+                continue
             print(f"{kind} · {title}…", file=sys.stderr)
             entry = measure_prompt(loaded, chat(loaded.tokenizer, request), new_tokens, draft_lengths,
                                    exit_layers if kind == "open-ended" and title == "story" else [], repeats)

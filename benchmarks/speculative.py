@@ -105,6 +105,8 @@ def measure_prompt(loaded, prompt: str, new_tokens: int, draft_lengths: list[int
         runs[name] = lambda make=make: speculative_generate(
             model, tokenizer, prompt, make(), greedy, new_tokens, stop_at_eos=False
         )
+    # Untimed warm-up, so that the first timed run does not pay for first-use allocations.
+    generate(model, tokenizer, prompt, greedy, 8, stop_at_eos=False)
     best, outputs = alternate(runs, repeats)
     plain = outputs["plain loop"].new_tokens[0]
     speculative = {}

@@ -307,3 +307,30 @@ def test_the_rule_alone_reproduces_p_on_a_toy_distribution():
         counts[draft if accepted else token] += 1
     assert counts[3] == 0
     assert chisquare([counts[i] for i in range(3)], [runs * float(x) for x in p[0, :3]]).pvalue > 0.01
+
+
+# --- the note's figures are the benchmark's -------------------------------------------------------
+
+
+def benchmark_rows(results: dict) -> list[str]:
+    """The rows of note 07's table, formatted from benchmarks/results/speculative.json."""
+    rows = []
+    for kind, prompts in results["prompts"].items():
+        for title, entry in prompts.items():
+            for name, row in entry["runs"].items():
+                rate = f"{row['acceptance rate']:.0%}" if "acceptance rate" in row else "–"
+                per_pass = f"{row['tokens per pass']:.2f}" if "tokens per pass" in row else "1"
+                rows.append(f"| {kind}: {title} | {name} | {row['tokens/s']:.1f} | "
+                            f"{row['speed-up vs plain loop']:.2f}x | {rate} | {per_pass} |")
+    return rows
+
+
+def test_note_07_table_is_the_stored_benchmark():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "benchmarks" / "results" / "speculative.json").read_text())
+    note = (root / "notes" / "07_speculative_decoding.md").read_text()
+    missing = [row for row in benchmark_rows(results) if row not in note]
+    assert not missing, f"note 07 differs from benchmarks/results/speculative.json, e.g. {missing[0]}"

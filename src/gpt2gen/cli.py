@@ -112,6 +112,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     structured.add_argument("--json_schema", default=None, metavar="FILE",
                             help="constrained decoding: every sample's new text must be JSON valid under the JSON "
                                  "Schema in FILE; runs on one device")
+    speculative = parser.add_argument_group(
+        "speculative decoding", "draft tokens cheaply, verify them in one pass of the model: the same text "
+        "(greedy) or the same distribution (sampling), faster; samples run one after another, sample i with "
+        "seed + i (notebook 07)")
+    speculative.add_argument("--prompt_lookup_num_tokens", type=int, default=None,
+                             help="draft up to N tokens by finding the last tokens earlier in the prompt and text "
+                                  "(prompt lookup, good when the output copies the input; default: off)")
+    speculative.add_argument("--assistant_model", default=None,
+                             help="draft with this smaller model; it must share the model's tokenizer (default: off)")
+    speculative.add_argument("--assistant_early_exit", type=int, default=None,
+                             help="draft with the model's own first N layers (self-speculation; default: off)")
+    speculative.add_argument("--num_assistant_tokens", type=int, default=5,
+                             help="tokens drafted per step by --assistant_model or --assistant_early_exit (default: 5)")
     return parser
 
 
@@ -208,6 +221,19 @@ def validate(args: argparse.Namespace) -> Path | None:
     if args.penalty_alpha and (args.regex is not None or args.json_schema is not None):
         raise UsageError("--penalty_alpha (contrastive search) does not take --regex or --json_schema: "
                          "constrain greedy decoding or sampling instead")
+    drafters = [o for o in ("prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit")
+                if getattr(args, o) is not None]
+    if len(drafters) > 1:
+        raise UsageError(f"--{drafters[0]} and --{drafters[1]} conflict: choose one way to draft tokens")
+    for option in ("prompt_lookup_num_tokens", "assistant_early_exit", "num_assistant_tokens"):
+        if (value := getattr(args, option)) is not None and value < 1:
+            raise UsageError(f"--{option} must be at least 1, got {value}")
+    if drafters and args.devices.strip() not in ("auto", "1"):
+        raise UsageError(f"--{drafters[0]} runs one sample at a time in one process: drop --devices {args.devices}")
+    if drafters and (any(getattr(args, name) is not None for name in REMEDIES)
+                     or args.regex is not None or args.json_schema is not None):
+        raise UsageError(f"--{drafters[0]} (speculative decoding) takes neither the repetition remedies nor "
+                         "--regex / --json_schema: it keeps the model's own distribution")
     if args.output_json is None:
         return None
     try:
@@ -357,6 +383,62 @@ def header(index: int, total: int, setting: dict[str, float]) -> str:
             f"{remedies} ===")
 
 
+def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, dict] | None:
+    """A maker of fresh drafters and its description, or None when no speculative option is set."""
+    from .drafters import ModelDrafter, PromptLookup, early_exit_model
+    from .loading import ModelLoadError, load_model
+
+    if args.prompt_lookup_num_tokens is not None:
+        n = args.prompt_lookup_num_tokens
+        return (lambda: PromptLookup(n)), {"drafter": "prompt lookup", "num_draft_tokens": n}
+    n = args.num_assistant_tokens
+    if args.assistant_early_exit is not None:
+        try:
+            model = early_exit_model(loaded.model, args.assistant_early_exit)
+        except ValueError as exc:
+            raise UsageError(f"--assistant_early_exit: {exc}") from exc
+        about = {"drafter": f"early exit after {args.assistant_early_exit} layers", "num_draft_tokens": n}
+        return (lambda: ModelDrafter(model, n)), about
+    if args.assistant_model is not None:
+        try:
+            assistant = load_model(args.assistant_model, device=loaded.device, announce=False)
+        except ModelLoadError as exc:
+            raise UsageError(f"--assistant_model: {exc}") from exc
+        if assistant.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+            raise UsageError(
+                f"--assistant_model {args.assistant_model} has another tokenizer than {loaded.name}: "
+                "a draft model must share the model's tokenizer"
+            )
+        about = {"drafter": f"assistant model {assistant.label}", "num_draft_tokens": n}
+        return (lambda: ModelDrafter(assistant.model, n)), about
+    return None
+
+
+def speculative_run(
+    out: Output, loaded: LoadedModel, args: argparse.Namespace, settings: list[dict[str, float]],
+    max_new_tokens: int, seed: int, speculative: tuple[Any, dict],
+) -> tuple[list[str], list[dict[str, int]]]:
+    """Samples one after another with a drafter (sample i with seed + i), streamed if asked; texts and draft counts."""
+    from .samples import speculative_texts
+
+    def on_sample(i: int) -> None:
+        if args.stream:
+            if i:
+                out.write("\n")
+            out.write(header(i, len(settings), settings[i]))
+            out.write(args.prompt or "", end="")
+
+    texts, counts = speculative_texts(
+        loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, speculative[0], on_sample=on_sample,
+        on_text=(lambda piece: out.write(piece, end="")) if args.stream else None,
+    )
+    if args.stream:
+        out.write("\n")
+    drafted, accepted = sum(c["drafted"] for c in counts), sum(c["accepted"] for c in counts)
+    print(f"gpt2gen: {speculative[1]['drafter']}: {accepted} of {drafted} drafted tokens accepted", file=sys.stderr)
+    return texts, counts
+
+
 def choose_seed(seed: int | None) -> int:
     """The given seed, the one a parent process chose, or a fresh random one (recorded so a run can be repeated)."""
     if seed is not None:
@@ -417,8 +499,14 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
     settings = sample_settings(args.num_samples, args.use_temperature, args.use_nucleus, _temperature(args), _top_p(args))
     settings = [{**setting, **remedy_settings(args)} for setting in settings]
     rows = chunk_rows(args.max_length)
+    speculative = speculative_drafter(args, loaded)
+    counts: list[dict[str, int]] = []
     started = time.perf_counter()
-    if multi:
+    if speculative:
+        if args.stream:
+            out.write(f"model: {loaded.label}\n")
+        texts, counts = speculative_run(out, loaded, args, settings, max_new_tokens, seed, speculative)
+    elif multi:
         from .multidevice import generate_on_devices
 
         os.environ[SEED_ENV_VAR] = str(seed)
@@ -460,6 +548,13 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
         "texts": [{**setting, "text": text, **({} if complete is None else {"complete": ok})}
                   for setting, text, ok in zip(settings, texts, complete or [None] * len(texts))],
     }
+    if speculative:
+        drafted, accepted = sum(c["drafted"] for c in counts), sum(c["accepted"] for c in counts)
+        result["metadata"]["speculative"] = speculative[1] | {
+            "drafted": drafted, "accepted": accepted, "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+        }
+        for entry, c in zip(result["texts"], counts):
+            entry["acceptance_rate"] = round(c["accepted"] / c["drafted"], 4) if c["drafted"] else 0.0
     if target is not None:
         try:
             write_json_atomic(target, result)

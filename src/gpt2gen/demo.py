@@ -227,6 +227,49 @@ def stream_updates(loaded: LoadedModel, request: Request, stop: threading.Event 
         worker.join(timeout=STEP_TIMEOUT_S)
 
 
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+ACCEPTED_STYLE = "background:#b7e4b7"
+REJECTED_STYLE = "background:#f6b8b8;text-decoration:line-through"
+
+
+def speculative_updates(loaded: LoadedModel, request: Request, num_tokens: int,
+                        stop: threading.Event | None = None) -> Iterator[tuple[str, str]]:
+    """Speculative decoding with prompt lookup, as HTML after each pass of the model, and a status line.
+
+    Accepted guesses are shown green, the model's own tokens plain, rejected guesses red and struck
+    through (shown once, never part of the text). The text is the one `stream_updates` gives.
+    """
+    from .drafters import PromptLookup
+    from .speculative import speculative_stream
+
+    num_tokens = int(_number("draft length", num_tokens, 1, 16, whole=True))
+    stop = stop or threading.Event()
+    spans, drafted, accepted, passes, count = [_escape(request.prompt)], 0, 0, 0, 0
+    chunks = speculative_stream(loaded.model, loaded.tokenizer, request.prompt, PromptLookup(num_tokens),
+                                request.params, request.max_new_tokens, request.seed)
+    try:
+        for chunk in chunks:
+            if stop.is_set():
+                break
+            if chunk.accepted_text:
+                spans.append(f'<span style="{ACCEPTED_STYLE}">{_escape(chunk.accepted_text)}</span>')
+            spans.append(_escape(chunk.own_text))
+            if chunk.rejected_text:
+                spans.append(f'<span style="{REJECTED_STYLE}">{_escape(chunk.rejected_text)}</span>')
+            drafted += len(chunk.block.drafted)
+            accepted += chunk.block.accepted
+            count += len(chunk.block.tokens)
+            passes += 1 if chunk.block.tokens else 0
+            rate = f"{accepted} of {drafted} guesses accepted" if drafted else "nothing drafted yet"
+            status = f"{_tokens(count)} in {passes} passes of the model; {rate}"
+            yield f'<pre id="speculative-text" style="white-space:pre-wrap">{"".join(spans)}</pre>', status
+    finally:
+        chunks.close()
+
+
 def _tokens(count: int) -> str:
     return f"{count} token{'s' if count != 1 else ''}"
 
@@ -360,6 +403,14 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
         except DemoInputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
+    def run_speculative(prompt, method, temperature, top_k, top_p, max_new_tokens, seed, num_tokens):
+        try:
+            checked = make_request(prompt, method, temperature, top_k, top_p, max_new_tokens, seed)
+            check_fits(loaded, checked)
+            yield from speculative_updates(loaded, checked, num_tokens)
+        except DemoInputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
     with gr.Blocks(title="How GPT-2 generates text") as app:
         gr.Markdown(f"# How GPT-2 generates text\n**Model:** {loaded.label}")
         with gr.Tab("Generate"):
@@ -430,6 +481,31 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                     s_table = gr.Dataframe(label=f"Every complete sample matches ({loaded.label})", wrap=True)
             structured_button.click(run_structured, [s_prompt, s_kind, s_spec, s_method, s_temperature, s_top_p, s_max,
                                                      s_seed], s_table, api_name="structured")
+        with gr.Tab("Speculative"):
+            gr.Markdown("Prompt lookup guesses the next tokens from text that came before and the model checks "
+                        f"them all in one pass: <span style='{ACCEPTED_STYLE}'>accepted guesses</span>, the model's "
+                        f"own tokens, <span style='{REJECTED_STYLE}'>rejected guesses</span>. The text is the "
+                        "same as without guessing (notebook 07).")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    p_prompt = gr.Textbox(label="Prompt", lines=4, max_length=MAX_PROMPT_CHARS,
+                                          value="Spell it again: one two three four five six seven eight. "
+                                                "Once more: one two three")
+                    p_method = gr.Radio([m for m in METHODS if m != "Contrastive"], value="Greedy", label="Method")
+                    p_temperature = gr.Slider(*TEMPERATURE_RANGE, value=0.7, step=0.05, label="Temperature")
+                    p_top_k = gr.Slider(*TOP_K_RANGE, value=50, step=1, label="k (top-k)")
+                    p_top_p = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="p (top-p)")
+                    p_draft = gr.Slider(1, 16, value=4, step=1, label="Draft length (prompt lookup)")
+                    p_max = gr.Slider(1, MAX_NEW_TOKENS, value=60, step=1, label="Max new tokens")
+                    p_seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+                    speculative_button = gr.Button("Generate with prompt lookup", variant="primary")
+                with gr.Column(scale=3):
+                    p_output = gr.HTML(label="Text")
+                    p_status = gr.Markdown()
+            speculative_button.click(
+                run_speculative, [p_prompt, p_method, p_temperature, p_top_k, p_top_p, p_max, p_seed, p_draft],
+                [p_output, p_status], api_name="speculative",
+            )
     return app
 
 

@@ -8,12 +8,14 @@ temperature is applied first, then the nucleus filter. Used by the CLI and its m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .constraints import Constraint
+from .drafters import Drafter
 from .generation import generate, stream
 from .loading import LoadedModel
 from .sampling import SamplingParams
+from .speculative import speculative_stream
 
 TEMPERATURE_SWEEP_MAX = 1.2
 
@@ -69,3 +71,32 @@ def stream_pieces(
     for chunk in stream(loaded.model, loaded.tokenizer, prompt, params_for([setting], top_k), max_new_tokens, seed,
                         constraint=constraint):
         yield chunk.text
+
+
+def speculative_texts(
+    loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int, max_new_tokens: int,
+    seed: int, make_drafter: Callable[[], Drafter], on_text: Callable[[str], None] | None = None,
+    on_sample: Callable[[int], None] | None = None,
+) -> tuple[list[str], list[dict[str, int]]]:
+    """Samples one after another with speculative decoding (sample i uses seed + i), and each one's draft counts.
+
+    `on_sample(i)` is called before sample i and `on_text(piece)` for each piece of text as it is
+    verified, for streaming.
+    """
+    texts, counts = [], []
+    for i, setting in enumerate(settings):
+        if on_sample:
+            on_sample(i)
+        drafted = accepted = 0
+        pieces = []
+        for chunk in speculative_stream(
+            loaded.model, loaded.tokenizer, prompt, make_drafter(), params_for([setting], top_k), max_new_tokens, seed + i
+        ):
+            drafted += len(chunk.block.drafted)
+            accepted += chunk.block.accepted
+            pieces.append(chunk.text)
+            if on_text:
+                on_text(chunk.text)
+        texts.append((prompt or "") + "".join(pieces))
+        counts.append({"drafted": drafted, "accepted": accepted})
+    return texts, counts

@@ -74,6 +74,11 @@ class SamplingParams:
                 or _any(self.presence_penalty, lambda p: p != 0.0) or _any(self.frequency_penalty, lambda p: p != 0.0))
 
     @property
+    def all_greedy(self) -> bool:
+        """Whether every row decodes greedily (temperature 0)."""
+        return not _any(self.temperature, lambda t: t != 0)
+
+    @property
     def contrastive(self) -> bool:
         """Whether the batch decodes by contrastive search (penalty_alpha > 0 on some row)."""
         return _any(self.penalty_alpha, lambda a: a > 0)

@@ -1,0 +1,257 @@
+"""Speculative decoding from the logits: draft a few tokens cheaply, check them all in one forward pass.
+
+A decoder's forward pass over k + 1 tokens returns the next-token logits after each of them, and
+on a memory-bound machine it costs little more than a pass over one token (the weights are read
+once either way). So a drafter (`drafters.py`) guesses k tokens d_1..d_k, the target model runs
+once over [last token, d_1, ..., d_k], and the loop keeps the drafted tokens the target agrees
+with, plus one token of the target's own: between 1 and k + 1 tokens per target pass.
+
+- Greedy (temperature 0): keep the longest prefix of the draft equal to the target's argmax at
+  each position, then the target's argmax after it. The text is the plain greedy loop's text.
+- Sampling (Leviathan et al., 2023; Chen et al., 2023): with p the target's and q the drafter's
+  warped distributions (temperature, top-k, top-p, min-p, typical, as `sampling.process_logits`
+  applies them), accept d_i with probability min(1, p(d_i) / q(d_i)); on the first rejection draw
+  the replacement from max(0, p - q), normalised; when all k are accepted draw a bonus token from
+  the target's distribution after d_k. Each emitted token is then distributed exactly as p
+  (derived in notebook 07). A deterministic drafter (prompt lookup) has q = a point mass.
+
+After a verification the target's KV cache holds keys and values for every drafted token; those
+past the first rejection are cut off (`DynamicCache.crop`), and the draft model's cache is cut back
+the same way on its next call, so neither model ever attends to a rejected token.
+
+Batches: this loop runs one sequence at a time, as `transformers`' assisted generation does. Rows
+of a batch would accept different numbers of tokens at each step, leaving ragged caches that need
+per-row padding and masks; and a batch already fills the machine's compute, which is what
+speculation spends (it pays at batch 1, where decoding waits on memory). Several samples run one
+after another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .drafters import Draft, Drafter
+from .generation import IncrementalDecoder, encode_prompts, make_generator
+from .loading import context_length
+from .sampling import SamplingParams, process_logits
+
+
+@dataclass
+class Block:
+    """What one verification pass of the target produced."""
+
+    tokens: list[int]  # the new tokens: accepted drafted tokens, then the target's own token
+    drafted: list[int]  # every token the drafter proposed for this pass
+    accepted: int  # how many of `drafted` were kept (the first `accepted` of `tokens`)
+    finished: bool  # the block ends with EOS
+
+
+@dataclass
+class SpeculativeResult:
+    """A speculative generation: the text, its tokens, and how well the drafter guessed."""
+
+    text: str
+    new_tokens: list[int]
+    finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (context length)
+    drafted: int  # drafted tokens in all
+    accepted: int  # drafted tokens kept
+    verifications: int  # forward passes of the target model (prompt included)
+    blocks: list[Block] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens the target kept (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """New tokens per forward pass of the target: 1 for the plain loop."""
+        return len(self.new_tokens) / self.verifications if self.verifications else 0.0
+
+
+def verify_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[int, int]:
+    """Greedy check of `draft` `[k]` against the target's logits `[k + 1, vocab]`.
+
+    Returns how many drafted tokens agree with the target's argmax before the first disagreement,
+    and the target's own argmax after them.
+    """
+    best = logits.argmax(dim=-1)
+    k = draft.shape[0]
+    agree = (best[:k] == draft).long().cumprod(dim=0)
+    accepted = int(agree.sum())
+    return accepted, int(best[accepted])
+
+
+def verify_sampled(
+    p: torch.Tensor, draft: Draft, generator: torch.Generator | None = None
+) -> tuple[int, int]:
+    """The speculative-sampling rule: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)).
+
+    `p` `[k + 1, vocab]` are the target's warped probabilities at each drafted position and after
+    the last one; `draft.probs` `[k, vocab]` are the drafter's (None: a point mass on each drafted
+    token). On the first rejection the replacement is drawn from max(0, p_i - q_i), normalised;
+    when every drafted token is accepted, a bonus token is drawn from p_{k+1}.
+    Returns the number accepted and the token that follows them.
+    """
+    tokens = draft.tokens.tolist()
+    for i, d in enumerate(tokens):
+        q_d = 1.0 if draft.probs is None else float(draft.probs[i, d])
+        u = float(torch.rand((), generator=generator, device=p.device))
+        if u * q_d < float(p[i, d]):  # u < p/q without dividing; p/q >= 1 always accepts
+            continue
+        residual = p[i].clone()
+        if draft.probs is None:
+            residual[d] = 0.0
+        else:
+            residual = (residual - draft.probs[i]).clamp_(min=0.0)
+        return i, int(torch.multinomial(residual, 1, generator=generator))  # multinomial normalises
+    return len(tokens), int(torch.multinomial(p[len(tokens)], 1, generator=generator))
+
+
+def _check_single(params: SamplingParams) -> None:
+    if params.penalizes or params.contrastive:
+        raise ValueError("speculative decoding takes neither the repetition remedies nor contrastive search: "
+                         "it keeps the model's own distribution, which they change")
+    for name in ("temperature", "top_k", "top_p", "min_p", "typical_p"):
+        if torch.as_tensor(getattr(params, name)).numel() != 1:
+            raise ValueError(
+                f"speculative decoding runs one sequence at a time: give {name} one value, not one per row"
+            )
+
+
+def speculative_steps(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    drafter: Drafter,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 50,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+) -> Iterator[Block]:
+    """Yield one `Block` per forward pass of the target, for one sequence `input_ids` `[1, length]`."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding takes one sequence, shape [1, length]; got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_single(params)
+    limit = context_length(model)
+    if input_ids.shape[1] >= limit:
+        raise ValueError(
+            f"the prompt is {input_ids.shape[1]} tokens long but the model's context holds {limit} tokens "
+            "in all: shorten the prompt to leave room for new tokens"
+        )
+    greedy = params.all_greedy
+    budget = min(max_new_tokens, limit - input_ids.shape[1])
+    sequence = input_ids[0]
+    pending = sequence  # tokens not yet in the target's cache: the whole prompt, then the last new token
+    cache = DynamicCache()
+    drafter.reset()
+    produced = 0
+    while produced < budget:
+        # Leave room for the target's own token after the draft.
+        draft = drafter.draft(sequence, budget - produced - 1, params, generator)
+        k = draft.tokens.shape[0]
+        with torch.inference_mode():
+            out = model(
+                input_ids=torch.cat([pending, draft.tokens])[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=k + 1,
+            )
+        logits = out.logits[0].float()  # [k + 1, vocab]: after the last token and after each drafted one
+        del out
+        if greedy:
+            accepted, token = verify_greedy(logits, draft.tokens)
+        else:
+            p = torch.softmax(process_logits(logits, params), dim=-1)
+            accepted, token = verify_sampled(p, draft, generator)
+        if accepted < k:
+            cache.crop(accepted - k)  # forget the keys and values of the rejected drafted tokens
+        new = draft.tokens[:accepted].tolist() + [token]
+        finished = eos_token_id is not None and eos_token_id in new
+        if finished:
+            new = new[: new.index(eos_token_id) + 1]
+            accepted = min(accepted, len(new))
+        produced += len(new)
+        yield Block(tokens=new, drafted=draft.tokens.tolist(), accepted=accepted, finished=finished)
+        if finished:
+            return
+        pending = torch.tensor([token], device=sequence.device)
+        sequence = torch.cat([sequence, torch.tensor(new, device=sequence.device)])
+
+
+def speculative_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | None,
+    drafter: Drafter,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 50,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+) -> SpeculativeResult:
+    """Generate a continuation of one prompt with a drafter; greedy text equals `generate`'s greedy text."""
+    input_ids, _ = encode_prompts(tokenizer, prompt, model.device)
+    eos = tokenizer.eos_token_id if stop_at_eos else None
+    blocks = list(
+        speculative_steps(model, input_ids, drafter, params, max_new_tokens, make_generator(seed, model.device), eos)
+    )
+    new_tokens = [t for block in blocks for t in block.tokens]
+    if blocks and blocks[-1].finished:
+        reason = "eos"
+    else:
+        reason = "context" if input_ids.shape[1] + len(new_tokens) >= context_length(model) else "length"
+    return SpeculativeResult(
+        text=tokenizer.decode(new_tokens, skip_special_tokens=True),
+        new_tokens=new_tokens,
+        finish_reason=reason,
+        drafted=sum(len(b.drafted) for b in blocks),
+        accepted=sum(b.accepted for b in blocks),
+        verifications=len(blocks),
+        blocks=blocks,
+    )
+
+
+@dataclass
+class SpeculativeChunk:
+    """One verification pass as text: what the drafter got right, the target's own token, what it got wrong."""
+
+    accepted_text: str  # drafted tokens the target kept (part of the output)
+    own_text: str  # the target's own token (part of the output)
+    rejected_text: str  # drafted tokens the target threw away (not part of the output)
+    block: Block
+
+    @property
+    def text(self) -> str:
+        """The new output text of this pass."""
+        return self.accepted_text + self.own_text
+
+
+def speculative_stream(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | None,
+    drafter: Drafter,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 50,
+    seed: int | None = None,
+) -> Iterator[SpeculativeChunk]:
+    """Like `generation.stream`, one chunk per target pass; joining the chunks' `text` gives the output."""
+    input_ids, _ = encode_prompts(tokenizer, prompt, model.device)
+    decoder = IncrementalDecoder(tokenizer)
+    steps = speculative_steps(
+        model, input_ids, drafter, params, max_new_tokens, make_generator(seed, model.device), tokenizer.eos_token_id
+    )
+    last: Block | None = None
+    for last in steps:
+        accepted_text = "".join(decoder.push(t) for t in last.tokens[: last.accepted])
+        own_text = "".join(decoder.push(t) for t in last.tokens[last.accepted :])
+        rejected = last.drafted[last.accepted :]
+        rejected_text = tokenizer.decode(rejected, skip_special_tokens=True) if rejected else ""
+        yield SpeculativeChunk(accepted_text, own_text, rejected_text, last)
+    if last is not None and (rest := decoder.flush()):
+        yield SpeculativeChunk("", rest, "", Block(tokens=[], drafted=[], accepted=0, finished=last.finished))

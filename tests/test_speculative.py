@@ -1,0 +1,336 @@
+"""Speculative decoding: greedy text identical to the plain loop and to transformers' assisted generation,
+sampled text distributed exactly as the target's (with a wrong rule that the same test rejects), and
+the KV caches rolled back past rejected tokens."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+from conftest import tiny_gpt2
+from gpt2gen import speculative
+from gpt2gen.drafters import Draft, ModelDrafter, PromptLookup, early_exit_model
+from gpt2gen.generation import encode_prompts, generate
+from gpt2gen.sampling import SamplingParams, process_logits
+from gpt2gen.speculative import speculative_generate, speculative_steps, speculative_stream, verify_sampled
+
+PROMPT = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return a + b\n\n\ndef add("
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def draft_model() -> GPT2LMHeadModel:
+    return tiny_gpt2(seed=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many tiny forward passes run faster on one thread than on two fighting over a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_greedy(model, tokenizer) -> list[int]:
+    return generate(model, tokenizer, PROMPT, SamplingParams.greedy(), max_new_tokens=MAX_NEW, stop_at_eos=False).new_tokens[0]
+
+
+def prompt_ids(tokenizer) -> torch.Tensor:
+    return tokenizer(PROMPT, return_tensors="pt").input_ids
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 8])
+def test_prompt_lookup_greedy_equals_plain_loop_and_transformers(tiny_model, tokenizer, num_tokens):
+    result = speculative_generate(
+        tiny_model, tokenizer, PROMPT, PromptLookup(num_tokens), SamplingParams.greedy(), MAX_NEW, stop_at_eos=False
+    )
+    ids = prompt_ids(tokenizer)
+    theirs = tiny_model.generate(
+        ids, do_sample=False, max_new_tokens=MAX_NEW, prompt_lookup_num_tokens=num_tokens, eos_token_id=None
+    )[0, ids.shape[1] :].tolist()
+    assert result.new_tokens == reference_greedy(tiny_model, tokenizer) == theirs
+    assert result.accepted > 0 and result.verifications < MAX_NEW  # the drafts did save passes
+
+
+@pytest.mark.parametrize("num_tokens", [1, 4])
+def test_draft_model_greedy_equals_plain_loop_and_transformers(tiny_model, draft_model, tokenizer, num_tokens):
+    result = speculative_generate(
+        tiny_model, tokenizer, PROMPT, ModelDrafter(draft_model, num_tokens), SamplingParams.greedy(), MAX_NEW,
+        stop_at_eos=False,
+    )
+    draft_model.generation_config.num_assistant_tokens = num_tokens
+    draft_model.generation_config.num_assistant_tokens_schedule = "constant"
+    ids = prompt_ids(tokenizer)
+    theirs = tiny_model.generate(
+        ids, do_sample=False, max_new_tokens=MAX_NEW, assistant_model=draft_model, eos_token_id=None
+    )[0, ids.shape[1] :].tolist()
+    assert result.new_tokens == reference_greedy(tiny_model, tokenizer) == theirs
+    assert result.drafted > 0
+
+
+def test_early_exit_greedy_equals_plain_loop_and_shares_weights(tiny_model, tokenizer):
+    drafter_model = early_exit_model(tiny_model, 1)
+    assert drafter_model.lm_head.weight is tiny_model.lm_head.weight
+    assert len(drafter_model.transformer.h) == 1 and len(tiny_model.transformer.h) == 2  # the target is untouched
+    result = speculative_generate(
+        tiny_model, tokenizer, PROMPT, ModelDrafter(drafter_model, 3), SamplingParams.greedy(), MAX_NEW, stop_at_eos=False
+    )
+    assert result.new_tokens == reference_greedy(tiny_model, tokenizer)
+    with pytest.raises(ValueError, match="between 1 and 1"):
+        early_exit_model(tiny_model, 2)
+
+
+def test_prompt_lookup_proposes_what_transformers_proposes():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        sequence = torch.randint(0, 4, (int(torch.randint(2, 30, (1,), generator=generator)),), generator=generator)
+        theirs = PromptLookupCandidateGenerator(num_output_tokens=5, max_matching_ngram_size=2, max_length=1000)
+        candidates, _ = theirs.get_candidates(sequence[None])
+        expected = candidates[0, sequence.shape[0] :].tolist()
+        assert PromptLookup(5).draft(sequence, 5, SamplingParams.greedy(), None).tokens.tolist() == expected
+
+
+def test_stops_at_eos_and_max_new_tokens(tiny_model, tokenizer):
+    plain = generate(tiny_model, tokenizer, PROMPT, SamplingParams.greedy(), max_new_tokens=MAX_NEW, stop_at_eos=False)
+    eos = plain.new_tokens[0][7]  # pretend the 8th token is the end of text
+    input_ids, _ = encode_prompts(tokenizer, PROMPT, tiny_model.device)
+    blocks = list(speculative_steps(tiny_model, input_ids, PromptLookup(8), SamplingParams.greedy(), MAX_NEW, None, eos))
+    tokens = [t for b in blocks for t in b.tokens]
+    assert tokens == plain.new_tokens[0][: plain.new_tokens[0].index(eos) + 1] and blocks[-1].finished
+    for n in (1, 2, 5):
+        result = speculative_generate(tiny_model, tokenizer, PROMPT, PromptLookup(8), SamplingParams.greedy(), n, stop_at_eos=False)
+        assert result.new_tokens == plain.new_tokens[0][:n] and result.finish_reason == "length"
+
+
+def test_stream_joins_to_the_generated_text(tiny_model, draft_model, tokenizer):
+    params = SamplingParams(temperature=0.8, top_k=50)
+    result = speculative_generate(tiny_model, tokenizer, PROMPT, ModelDrafter(draft_model, 3), params, 20, seed=3)
+    chunks = list(speculative_stream(tiny_model, tokenizer, PROMPT, ModelDrafter(draft_model, 3), params, 20, seed=3))
+    assert "".join(c.text for c in chunks) == result.text
+    assert sum(c.block.accepted for c in chunks) == result.accepted
+
+
+def test_one_sequence_at_a_time(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="one value"):
+        speculative_generate(tiny_model, tokenizer, PROMPT, PromptLookup(), SamplingParams(temperature=[0.5, 1.0]))
+
+
+# --- the cache rollback -------------------------------------------------------------------------
+
+
+class WrongFirst:
+    """A drafter whose first token is always wrong under greedy decoding, followed by two more guesses."""
+
+    num_tokens = 3
+
+    def __init__(self, model):
+        self.model = model
+
+    def draft(self, sequence, count, params, generator):
+        with torch.no_grad():
+            best = int(self.model(sequence[None]).logits[0, -1].argmax())
+        return Draft(torch.tensor([(best + 1) % 50257, 11, 13])[: max(count, 0)])
+
+    def reset(self):
+        pass
+
+
+def recorded_verifications(model, tokenizer, monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Run 6 passes with a drafter that is always rejected; record each pass's logits and the text before it."""
+    seen = []
+    original = speculative.verify_greedy
+
+    def record(logits, draft):
+        seen.append((logits.clone(), draft.clone()))
+        return original(logits, draft)
+
+    monkeypatch.setattr(speculative, "verify_greedy", record)
+    input_ids, _ = encode_prompts(tokenizer, PROMPT, model.device)
+    blocks = list(speculative_steps(model, input_ids, WrongFirst(model), SamplingParams.greedy(), 6))
+    assert all(b.accepted == 0 and len(b.drafted) > 0 for b in blocks[:-1])
+    prefixes, text = [], input_ids[0].tolist()
+    for b in blocks:
+        prefixes.append(list(text))
+        text += b.tokens
+    return [(logits, draft, prefix) for (logits, draft), prefix in zip(seen, prefixes)]
+
+
+def test_after_a_rejection_the_logits_equal_a_fresh_pass(tiny_model, tokenizer, monkeypatch):
+    for logits, draft, prefix in recorded_verifications(tiny_model, tokenizer, monkeypatch):
+        with torch.no_grad():
+            fresh = tiny_model(torch.tensor([prefix + draft.tolist()])).logits[0, -(len(draft) + 1) :]
+        torch.testing.assert_close(logits, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_the_rollback_check_catches_a_cache_left_uncropped(tiny_model, tokenizer, monkeypatch):
+    monkeypatch.setattr(speculative.DynamicCache, "crop", lambda self, n: None)
+    checks = recorded_verifications(tiny_model, tokenizer, monkeypatch)
+    logits, draft, prefix = checks[1]  # the pass after the first rejection
+    with torch.no_grad():
+        fresh = tiny_model(torch.tensor([prefix + draft.tolist()])).logits[0, -(len(draft) + 1) :]
+    assert not torch.allclose(logits, fresh, atol=1e-3)
+
+
+def test_draft_model_cache_rolls_back_to_the_shared_prefix(draft_model, tokenizer):
+    sequence = prompt_ids(tokenizer)[0]
+    params = SamplingParams(temperature=0.7)
+    drafter = ModelDrafter(draft_model, 4)
+    drafter.draft(sequence, 4, params, torch.Generator().manual_seed(0))
+    other = torch.cat([sequence, torch.tensor([262, 318])])  # the target took another path
+    rolled = drafter.draft(other, 4, params, torch.Generator().manual_seed(1))
+    fresh = ModelDrafter(draft_model, 4).draft(other, 4, params, torch.Generator().manual_seed(1))
+    assert rolled.tokens.tolist() == fresh.tokens.tolist()
+    torch.testing.assert_close(rolled.probs, fresh.probs, atol=1e-5, rtol=1e-5)
+
+
+# --- sampling: distributed exactly as the target -------------------------------------------------
+
+VOCAB = 6
+PARAMS = SamplingParams(temperature=0.9, top_k=4)
+
+
+def tiny_vocab_model(seed: int) -> GPT2LMHeadModel:
+    """A 6-token model with large random weights: peaked distributions, so target and draft differ a lot."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, n_positions=16, initializer_range=0.6,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def two_token_distribution(model, prompt: list[int]) -> dict[tuple[int, int], float]:
+    """P(first two new tokens) under the target's warped distributions, enumerated exactly."""
+
+    def probs(sequence):
+        with torch.no_grad():
+            logits = model(torch.tensor([sequence])).logits[:, -1].float()
+        return torch.softmax(process_logits(logits, PARAMS), dim=-1)[0].double()
+
+    first = probs(prompt)
+    return {(a, b): float(first[a] * probs(prompt + [a])[b]) for a in range(VOCAB) for b in range(VOCAB)}
+
+
+def chi_square_pvalue(counts: Counter, expected: dict, runs: int) -> float:
+    """Chi-square goodness of fit; cells expected fewer than 5 times are pooled into one."""
+    keys = [k for k, p in expected.items() if p > 0]
+    assert sum(counts[k] for k in keys) == runs  # nothing drawn where the target has probability 0
+    exp = np.array([expected[k] * runs for k in keys])
+    obs = np.array([counts[k] for k in keys], dtype=float)
+    small = exp < 5
+    exp = np.append(exp[~small], exp[small].sum()) if small.any() else exp
+    obs = np.append(obs[~small], obs[small].sum()) if small.any() else obs
+    return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+def sampled_pairs(target, drafter, runs: int, seed: int) -> Counter:
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.tensor([[1, 2]])
+    counts = Counter()
+    for _ in range(runs):
+        # A budget of 3 drafts 2 tokens: the first pair covers rejection at 1, at 2, and acceptance of both.
+        tokens = [t for b in speculative_steps(target, prompt, drafter, PARAMS, 3, generator) for t in b.tokens]
+        counts[tuple(tokens[:2])] += 1
+    return counts
+
+
+class FixedDraft:
+    """A deterministic drafter (a point-mass q), like prompt lookup: always proposes tokens 3 then 1."""
+
+    num_tokens = 2
+
+    def draft(self, sequence, count, params, generator):
+        return Draft(torch.tensor([3, 1])[:count])
+
+    def reset(self):
+        pass
+
+
+def accept_always(p, draft, generator=None):
+    """A WRONG rule: keep every drafted token (the output then follows the drafter)."""
+    k = draft.tokens.shape[0]
+    return k, int(torch.multinomial(p[k], 1, generator=generator))
+
+
+def resample_from_p(p, draft, generator=None):
+    """A WRONG rule: accept with min(1, p/q) but on rejection draw from p instead of max(0, p - q)."""
+    for i, d in enumerate(draft.tokens.tolist()):
+        q_d = 1.0 if draft.probs is None else float(draft.probs[i, d])
+        if float(torch.rand((), generator=generator)) * q_d >= float(p[i, d]):
+            return i, int(torch.multinomial(p[i], 1, generator=generator))
+    return len(draft.tokens), int(torch.multinomial(p[-1], 1, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def target_and_expected():
+    target = tiny_vocab_model(0)
+    return target, two_token_distribution(target, [1, 2])
+
+
+@pytest.mark.parametrize("drafter", ["draft model", "point mass"])
+def test_sampled_tokens_follow_the_target_distribution(target_and_expected, drafter):
+    target, expected = target_and_expected
+    chosen = ModelDrafter(tiny_vocab_model(1), 2) if drafter == "draft model" else FixedDraft()
+    runs = 1000
+    assert chi_square_pvalue(sampled_pairs(target, chosen, runs, seed=0), expected, runs) > 0.01
+
+
+@pytest.mark.parametrize("wrong_rule", [accept_always, resample_from_p])
+def test_the_same_check_rejects_a_wrong_acceptance_rule(target_and_expected, wrong_rule, monkeypatch):
+    target, expected = target_and_expected
+    monkeypatch.setattr(speculative, "verify_sampled", wrong_rule)
+    runs = 1000
+    counts = sampled_pairs(target, ModelDrafter(tiny_vocab_model(1), 2), runs, seed=0)
+    keys = [k for k, p in expected.items() if p > 0]
+    if sum(counts[k] for k in keys) < runs:
+        return  # drew a token the target never would: wrong beyond any statistics
+    assert chi_square_pvalue(counts, expected, runs) < 1e-6
+
+
+def test_the_rule_alone_reproduces_p_on_a_toy_distribution():
+    """verify_sampled on fixed p and q, away from any model: the first emitted token follows p exactly."""
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    generator = torch.Generator().manual_seed(0)
+    runs = 20000
+    counts = Counter()
+    for _ in range(runs):
+        draft = int(torch.multinomial(q[0], 1, generator=generator))
+        accepted, token = verify_sampled(p, Draft(torch.tensor([draft]), q), generator)
+        counts[draft if accepted else token] += 1
+    assert counts[3] == 0
+    assert chisquare([counts[i] for i in range(3)], [runs * float(x) for x in p[0, :3]]).pvalue > 0.01
+
+
+# --- the note's figures are the benchmark's -------------------------------------------------------
+
+
+def benchmark_rows(results: dict) -> list[str]:
+    """The rows of note 07's table, formatted from benchmarks/results/speculative.json."""
+    rows = []
+    for kind, prompts in results["prompts"].items():
+        for title, entry in prompts.items():
+            for name, row in entry["runs"].items():
+                rate = f"{row['acceptance rate']:.0%}" if "acceptance rate" in row else "–"
+                per_pass = f"{row['tokens per pass']:.2f}" if "tokens per pass" in row else "1"
+                rows.append(f"| {kind}: {title} | {name} | {row['tokens/s']:.1f} | "
+                            f"{row['speed-up vs plain loop']:.2f}x | {rate} | {per_pass} |")
+    return rows
+
+
+def test_note_07_table_is_the_stored_benchmark():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "benchmarks" / "results" / "speculative.json").read_text())
+    note = (root / "notes" / "07_speculative_decoding.md").read_text()
+    missing = [row for row in benchmark_rows(results) if row not in note]
+    assert not missing, f"note 07 differs from benchmarks/results/speculative.json, e.g. {missing[0]}"

@@ -70,6 +70,19 @@ def encode_prompts(
     return input_ids, attention_mask
 
 
+def check_room(model: PreTrainedModel, prompt_length: int, max_new_tokens: int) -> int:
+    """Raise ValueError unless at least one new token fits after the prompt; return the context length."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = context_length(model)
+    if prompt_length >= limit:
+        raise ValueError(
+            f"the prompt is {prompt_length} tokens long but the model's context holds {limit} tokens "
+            "in all: shorten the prompt to leave room for new tokens"
+        )
+    return limit
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """A seeded random generator on the device, or None for the global one."""
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -131,14 +144,7 @@ def _decode(
     cache_implementation: str | None = None,
     mask: TokenMask | None = None,
 ) -> Iterator[Step]:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    limit = context_length(model)
-    if input_ids.shape[1] >= limit:
-        raise ValueError(
-            f"the prompt is {input_ids.shape[1]} tokens long but the model's context holds {limit} tokens "
-            "in all: shorten the prompt to leave room for new tokens"
-        )
+    limit = check_room(model, input_ids.shape[1], max_new_tokens)
     device = model.device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(

@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .drafters import Draft, Drafter
-from .generation import IncrementalDecoder, encode_prompts, make_generator
+from .generation import IncrementalDecoder, check_room, encode_prompts, make_generator
 from .loading import context_length
 from .sampling import SamplingParams, process_logits
 
@@ -135,15 +135,8 @@ def speculative_steps(
     """Yield one `Block` per forward pass of the target, for one sequence `input_ids` `[1, length]`."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"speculative decoding takes one sequence, shape [1, length]; got {tuple(input_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = check_room(model, input_ids.shape[1], max_new_tokens)
     _check_single(params)
-    limit = context_length(model)
-    if input_ids.shape[1] >= limit:
-        raise ValueError(
-            f"the prompt is {input_ids.shape[1]} tokens long but the model's context holds {limit} tokens "
-            "in all: shorten the prompt to leave room for new tokens"
-        )
     greedy = params.all_greedy
     budget = min(max_new_tokens, limit - input_ids.shape[1])
     sequence = input_ids[0]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from gpt2gen.demo import DemoInputError, REJECTED_STYLE, make_request, speculative_updates
+from gpt2gen.demo import REJECTED_STYLE, DemoInputError, make_request, speculative_updates
 from gpt2gen.generation import generate
 from gpt2gen.loading import LoadedModel, load_model
 

@@ -253,10 +253,17 @@ def test_the_console_command_reports_errors_under_its_own_name():
 
 # --- kills and interrupts at each stage ---------------------------------------------------------
 
+def ctrl_c_enabled() -> None:
+    """Start the CLI as a terminal would: a shell that runs the suite in the background ignores SIGINT
+    for its children, and Python keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("delay", [0.6, 1.5, 3.0])
 def test_ctrl_c_while_the_libraries_load_is_quiet(tiny_model_dir, tmp_path, delay):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--output_json", str(tmp_path / "r.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(tiny_model_dir))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(tiny_model_dir),
+                            preexec_fn=ctrl_c_enabled)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -272,7 +279,7 @@ def test_interrupted_says_what_happened_to_the_file(slow_model_dir, tmp_path, wi
     out = tmp_path / "r.json"
     args = ["--num_samples", "16", "--max_length", "400"] + (["--output_json", str(out)] if with_file else [])
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=cli_env(slow_model_dir))
+                            env=cli_env(slow_model_dir), preexec_fn=ctrl_c_enabled)
     wait_for(proc, b"generating:")
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=60)
@@ -298,6 +305,7 @@ def start_two_processes(model: Path, tmp_path: Path) -> tuple[subprocess.Popen, 
         [sys.executable, str(SCRIPT), "--devices", "2", "--num_samples", "8", "--max_length", "400",
          "--output_json", str(tmp_path / "r.json")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(model), start_new_session=True,
+        preexec_fn=ctrl_c_enabled,
     )
     wait_for(proc, b"generating:", seconds=240)
     workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]

@@ -37,3 +37,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model, tokeniz
     tiny_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A GPT-2 big enough that generating takes seconds, to be killed or interrupted in the middle."""
+    folder = tmp_path_factory.mktemp("slow-gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=256, n_head=4, n_positions=512)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2gen.cli import printable
 from gpt2gen.files import write_json_atomic
@@ -121,15 +120,6 @@ def test_two_cpu_processes_return_every_sample_once_in_order(tiny_model_dir, tmp
     assert len(texts_of(done.stdout)) == 5 and texts_of(done.stdout) == [printable(t["text"]) for t in spread["texts"]]
     assert spread["texts"][0]["text"] == alone["texts"][0]["text"]  # greedy: the same on any layout
     assert len({t["text"] for t in spread["texts"]}) == 5
-
-
-@pytest.fixture(scope="module")
-def slow_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A GPT-2 big enough that generating takes seconds, to be killed in the middle."""
-    folder = tmp_path_factory.mktemp("slow-gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=256, n_head=4, n_positions=512)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_killed_run_leaves_the_earlier_file_intact(slow_model_dir, tmp_path):

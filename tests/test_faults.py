@@ -19,7 +19,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2gen import cli, embedded, loading
 from gpt2gen.loading import ModelLoadError, load_model
@@ -47,15 +46,6 @@ def one_error_line(done: subprocess.CompletedProcess, status: int, message: str)
     lines = [line for line in done.stderr.splitlines()
              if line.strip() and not line.startswith(("generating:", "[transformers]", "You may"))]
     assert len(lines) == 1 and "error:" in lines[0] and message in lines[0], done.stderr
-
-
-@pytest.fixture(scope="module")
-def slow_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A GPT-2 big enough that generating takes seconds, to be interrupted in the middle."""
-    folder = tmp_path_factory.mktemp("slow-gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=256, n_head=4, n_positions=512)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def wait_for(proc: subprocess.Popen, text: bytes, seconds: float = 120) -> bytes:

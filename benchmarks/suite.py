@@ -61,17 +61,20 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
+    cpu, bf16 = platform.processor(), None
     if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]  # native bfloat16 arithmetic
     from importlib.metadata import version
 
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
         "device": "cpu", "date": time.strftime("%Y-%m-%d"),
+        "bfloat16 instructions": bf16,
     }
 
 

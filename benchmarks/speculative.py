@@ -1,10 +1,12 @@
 """Speculative decoding, measured: `.venv/bin/python benchmarks/speculative.py` (not part of the tests).
 
 On the embedded model (SmolLM2-135M-Instruct, the one real model at hand offline), batch 1,
-greedy, 128 new tokens: tokens/s of the package's plain loop against speculative decoding with
-prompt lookup at draft lengths 1 to 8 (and 10, transformers' default), on input-grounded prompts
-(rewrite a given text or code: the answer copies the input) and open-ended ones; the acceptance
-rate and new tokens per target pass of each; the early-exit drafter (the target's first layers);
+greedy, at most 128 new tokens, each run stopping at the end of the answer (EOS) as a user's
+would: tokens/s of the package's plain loop against speculative decoding with prompt lookup at
+draft lengths 1 to 8 (and 10, transformers' default) by transformers' matching rule and, at 2 to
+10, by the package's `SuffixLookup` (longest match, adaptive length: what the CLI and the demo
+use), on input-grounded prompts (rewrite a given text or code: the answer copies the input) and
+open-ended ones; the acceptance rate and new tokens per target pass of each; the early-exit drafter (the target's first layers);
 and `transformers`' own `generate()` plain and with `prompt_lookup_num_tokens=10`, side by side.
 The sides of each comparison alternate (A B A B ...) and each keeps its best time, so a slow spell
 of the machine hits all of them. Every speculative text is checked equal to the plain loop's.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2gen.drafters import ModelDrafter, PromptLookup, early_exit_model
+from gpt2gen.drafters import ModelDrafter, PromptLookup, SuffixLookup, early_exit_model
 from gpt2gen.files import write_json_atomic
 from gpt2gen.generation import encode_prompts, generate
 from gpt2gen.loading import load_model
@@ -84,31 +86,39 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int) -> tuple[dict
     return best, outputs
 
 
-def measure_prompt(loaded, prompt: str, new_tokens: int, draft_lengths: list[int], exit_layers: list[int],
-                   repeats: int) -> dict:
+def measure_prompt(loaded, prompt: str, new_tokens: int, draft_lengths: list[int], suffix_lengths: list[int],
+                   exit_layers: list[int], repeats: int) -> dict:
     model, tokenizer = loaded.model, loaded.tokenizer
     greedy = SamplingParams.greedy()
     drafters = {f"prompt lookup {k}": (lambda k=k: PromptLookup(k)) for k in draft_lengths}
+    drafters |= {f"suffix lookup {k}": (lambda k=k: SuffixLookup(k)) for k in suffix_lengths}
     for layers in exit_layers:
         drafters[f"early exit {layers} layers, 3 tokens"] = lambda layers=layers: ModelDrafter(
             early_exit_model(model, layers), 3
         )
-    input_ids, _ = encode_prompts(tokenizer, prompt, model.device)
+    input_ids, attention_mask = encode_prompts(tokenizer, prompt, model.device)
+    # The mask is passed explicitly: without it `generate` infers one from the padding token, and the
+    # embedded model's padding token (<|im_end|>) also closes each turn of the chat prompt, which it
+    # would then mask out, changing the text.
     runs: dict[str, Callable[[], object]] = {
-        "plain loop": lambda: generate(model, tokenizer, prompt, greedy, new_tokens, stop_at_eos=False),
-        "transformers generate": lambda: model.generate(input_ids, do_sample=False, max_new_tokens=new_tokens),
+        "plain loop": lambda: generate(model, tokenizer, prompt, greedy, new_tokens),
+        "transformers generate": lambda: model.generate(
+            input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=new_tokens
+        ),
         "transformers prompt lookup 10": lambda: model.generate(
-            input_ids, do_sample=False, max_new_tokens=new_tokens, prompt_lookup_num_tokens=10
+            input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=new_tokens,
+            prompt_lookup_num_tokens=10,
         ),
     }
     for name, make in drafters.items():
         runs[name] = lambda make=make: speculative_generate(
-            model, tokenizer, prompt, make(), greedy, new_tokens, stop_at_eos=False
+            model, tokenizer, prompt, make(), greedy, new_tokens
         )
     # Untimed warm-up, so that the first timed run does not pay for first-use allocations.
     generate(model, tokenizer, prompt, greedy, 8, stop_at_eos=False)
     best, outputs = alternate(runs, repeats)
     plain = outputs["plain loop"].new_tokens[0]
+    generated = len(plain)  # the same for every run: each text is checked equal to the plain loop's
     speculative = {}
     for name in drafters:
         result = outputs[name]
@@ -124,22 +134,26 @@ def measure_prompt(loaded, prompt: str, new_tokens: int, draft_lengths: list[int
     theirs_identical = outputs["transformers prompt lookup 10"][0, input_ids.shape[1] :].tolist() == plain
     rows = {}
     for name, seconds in best.items():
-        row = {"seconds": round(seconds, 3), "tokens/s": round(new_tokens / seconds, 2),
+        row = {"seconds": round(seconds, 3), "tokens/s": round(generated / seconds, 2),
                "speed-up vs plain loop": round(best["plain loop"] / seconds, 3)}
         rows[name] = row | speculative.get(name, {})
     rows["transformers prompt lookup 10"]["same text as the plain loop"] = theirs_identical
     rows["transformers generate"]["same text as the plain loop"] = (
         outputs["transformers generate"][0, input_ids.shape[1] :].tolist() == plain
     )
-    return {"prompt tokens": int(input_ids.shape[1]), "runs": rows}
+    return {"prompt tokens": int(input_ids.shape[1]), "generated tokens": generated,
+            "finish reason": outputs["plain loop"].finish_reasons[0], "output": outputs["plain loop"].texts[0],
+            "runs": rows}
 
 
 def table(results: dict) -> str:
-    lines = [f"model: {results['model']} · batch 1 · greedy · {results['new_tokens']} new tokens · "
+    lines = [f"model: {results['model']} · batch 1 · greedy · at most {results['new_tokens']} new tokens, "
+             "stopping at EOS · "
              f"best of {results['repeats']}, alternated", ""]
     for kind, prompts in results["prompts"].items():
         for title, entry in prompts.items():
-            lines.append(f"{kind} · {title} ({entry['prompt tokens']} prompt tokens)")
+            lines.append(f"{kind} · {title} ({entry['prompt tokens']} prompt tokens, "
+                         f"{entry['generated tokens']} generated, {entry['finish reason']})")
             lines.append(f"  {'run':38} {'tokens/s':>9} {'vs plain':>9} {'accepted':>9} {'tok/pass':>9}")
             for name, row in entry["runs"].items():
                 rate = f"{row['acceptance rate']:.0%}" if "acceptance rate" in row else ""
@@ -163,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON file to write (default: {RESULTS})")
     args = parser.parse_args(argv)
     new_tokens, draft_lengths, repeats = (32, [2, 4, 10], 1) if args.quick else (128, [*range(1, 9), 10], args.repeats)
+    suffix_lengths = [4, 10] if args.quick else [2, 4, 6, 8, 10]
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model("embedded", device="cpu")
-    loaded.model.generation_config.eos_token_id = None  # every run produces exactly `new_tokens` tokens
     loaded.model.generation_config.pad_token_id = loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id
     layers = len(getattr(loaded.model, loaded.model.base_model_prefix).layers)
     exit_layers = [layers // 2] if args.quick else [layers // 2, 3 * layers // 4]
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.prompts is not None and title not in args.prompts:
                 continue
             print(f"{kind} · {title}…", file=sys.stderr)
-            entry = measure_prompt(loaded, chat(loaded.tokenizer, request), new_tokens, draft_lengths,
+            entry = measure_prompt(loaded, chat(loaded.tokenizer, request), new_tokens, draft_lengths, suffix_lengths,
                                    exit_layers if kind == "open-ended" and title == "story" else [], repeats)
             entry["request"] = request
             results["prompts"][kind][title] = entry

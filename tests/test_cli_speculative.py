@@ -28,7 +28,7 @@ def test_prompt_lookup_gives_the_plain_texts_and_records_acceptance(tiny_model_d
     assert code == 0
     assert [t["text"] for t in spec["texts"]] == [t["text"] for t in plain["texts"]]
     about = spec["metadata"]["speculative"]
-    assert about["drafter"] == "prompt lookup" and about["num_draft_tokens"] == 4
+    assert about["drafter"].startswith("prompt lookup") and about["num_draft_tokens"] == 4
     assert about["drafted"] > 0 and 0 <= about["acceptance_rate"] <= 1
     assert all("acceptance_rate" in t for t in spec["texts"])
     assert "drafted tokens accepted" in err

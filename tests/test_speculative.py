@@ -15,7 +15,7 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 
 from conftest import tiny_gpt2
 from gpt2gen import speculative
-from gpt2gen.drafters import Draft, ModelDrafter, PromptLookup, early_exit_model
+from gpt2gen.drafters import Draft, ModelDrafter, PromptLookup, SuffixLookup, early_exit_model
 from gpt2gen.generation import encode_prompts, generate
 from gpt2gen.sampling import SamplingParams, process_logits
 from gpt2gen.speculative import speculative_generate, speculative_steps, speculative_stream, verify_sampled
@@ -46,10 +46,11 @@ def prompt_ids(tokenizer) -> torch.Tensor:
     return tokenizer(PROMPT, return_tensors="pt").input_ids
 
 
+@pytest.mark.parametrize("lookup", [PromptLookup, SuffixLookup])
 @pytest.mark.parametrize("num_tokens", [1, 3, 8])
-def test_prompt_lookup_greedy_equals_plain_loop_and_transformers(tiny_model, tokenizer, num_tokens):
+def test_prompt_lookup_greedy_equals_plain_loop_and_transformers(tiny_model, tokenizer, lookup, num_tokens):
     result = speculative_generate(
-        tiny_model, tokenizer, PROMPT, PromptLookup(num_tokens), SamplingParams.greedy(), MAX_NEW, stop_at_eos=False
+        tiny_model, tokenizer, PROMPT, lookup(num_tokens), SamplingParams.greedy(), MAX_NEW, stop_at_eos=False
     )
     ids = prompt_ids(tokenizer)
     theirs = tiny_model.generate(
@@ -97,6 +98,40 @@ def test_prompt_lookup_proposes_what_transformers_proposes():
         assert PromptLookup(5).draft(sequence, 5, SamplingParams.greedy(), None).tokens.tolist() == expected
 
 
+def test_suffix_lookup_takes_the_latest_of_the_longest_matches():
+    def draft(sequence, lookup=None):
+        lookup = lookup or SuffixLookup(5)
+        return lookup.draft(torch.tensor(sequence), 5, SamplingParams.greedy(), None).tokens.tolist()
+
+    # The last two tokens (9 9) first occur at the start, but the last three (7 9 9) only later:
+    # transformers' rule copies after the first, the longest match after the second.
+    sequence = [9, 9, 1, 2, 7, 9, 9, 3, 4, 5, 8, 7, 9, 9]
+    assert PromptLookup(5).draft(torch.tensor(sequence), 5, SamplingParams.greedy(), None).tokens.tolist() == [1, 2, 7, 9, 9]
+    assert draft(sequence) == [3, 4, 5, 8, 7]
+    assert draft([1, 2, 3, 1, 2, 3, 1, 2]) == [3, 1, 2]  # the match of 5 tokens, not the one of 2
+    assert draft([5, 2, 3, 4, 2]) == []  # only one token matches: below min_match
+    assert draft([5, 2, 3, 4, 2], SuffixLookup(5, min_match=1)) == [3, 4, 2]
+    assert draft([4, 2, 3, 1, 2, 3]) == [1, 2, 3]  # "2 3" matches, "1 2 3" does not: a match of 2 tokens
+
+
+def test_suffix_lookup_doubles_its_draft_after_success_and_halves_it_after_a_rejection():
+    lookup = SuffixLookup(8)
+    sequence = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])
+    lengths = []
+    for drafted_accepted in [(8, 3), None, (4, 4), (8, 0), (4, 0), (2, 1), (1, 0), (0, 0), (1, 1), (2, 2), (4, 4)]:
+        lengths.append(lookup.length)
+        if drafted_accepted:
+            lookup.update(*drafted_accepted)
+    assert lengths == [8, 4, 4, 8, 4, 2, 1, 1, 1, 2, 4]
+    lookup.update(8, 8)
+    assert lookup.length == 8  # never above num_tokens
+    assert len(lookup.draft(sequence, 100, SamplingParams.greedy(), None).tokens) == 8
+    lookup.update(8, 0)
+    assert len(lookup.draft(sequence, 100, SamplingParams.greedy(), None).tokens) == 4
+    lookup.reset()
+    assert lookup.length == 8
+
+
 def test_stops_at_eos_and_max_new_tokens(tiny_model, tokenizer):
     plain = generate(tiny_model, tokenizer, PROMPT, SamplingParams.greedy(), max_new_tokens=MAX_NEW, stop_at_eos=False)
     eos = plain.new_tokens[0][7]  # pretend the 8th token is the end of text
@@ -137,6 +172,9 @@ class WrongFirst:
         with torch.no_grad():
             best = int(self.model(sequence[None]).logits[0, -1].argmax())
         return Draft(torch.tensor([(best + 1) % 50257, 11, 13])[: max(count, 0)])
+
+    def update(self, drafted, accepted):
+        pass
 
     def reset(self):
         pass
@@ -230,13 +268,13 @@ def chi_square_pvalue(counts: Counter, expected: dict, runs: int) -> float:
     return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
 
 
-def sampled_pairs(target, drafter, runs: int, seed: int) -> Counter:
+def sampled_pairs(target, drafter, runs: int, seed: int, prompt: list[int] = (1, 2), budget: int = 3) -> Counter:
     generator = torch.Generator().manual_seed(seed)
-    prompt = torch.tensor([[1, 2]])
+    prompt = torch.tensor([list(prompt)])
     counts = Counter()
     for _ in range(runs):
         # A budget of 3 drafts 2 tokens: the first pair covers rejection at 1, at 2, and acceptance of both.
-        tokens = [t for b in speculative_steps(target, prompt, drafter, PARAMS, 3, generator) for t in b.tokens]
+        tokens = [t for b in speculative_steps(target, prompt, drafter, PARAMS, budget, generator) for t in b.tokens]
         counts[tuple(tokens[:2])] += 1
     return counts
 
@@ -248,6 +286,9 @@ class FixedDraft:
 
     def draft(self, sequence, count, params, generator):
         return Draft(torch.tensor([3, 1])[:count])
+
+    def update(self, drafted, accepted):
+        pass
 
     def reset(self):
         pass
@@ -280,6 +321,18 @@ def test_sampled_tokens_follow_the_target_distribution(target_and_expected, draf
     chosen = ModelDrafter(tiny_vocab_model(1), 2) if drafter == "draft model" else FixedDraft()
     runs = 1000
     assert chi_square_pvalue(sampled_pairs(target, chosen, runs, seed=0), expected, runs) > 0.01
+
+
+def test_adaptive_prompt_lookup_keeps_the_target_distribution():
+    """SuffixLookup drafts "3 1" (what followed the earlier "1 2"), then 1 or 2 tokens depending on
+    whether its first draft was kept: a draft length chosen from the past leaves every token's
+    distribution the target's."""
+    prompt = [1, 2, 3, 1, 2]
+    target = tiny_vocab_model(0)
+    expected = two_token_distribution(target, prompt)
+    runs = 1000
+    counts = sampled_pairs(target, SuffixLookup(2), runs, seed=0, prompt=prompt, budget=4)
+    assert chi_square_pvalue(counts, expected, runs) > 0.01
 
 
 @pytest.mark.parametrize("wrong_rule", [accept_always, resample_from_p])

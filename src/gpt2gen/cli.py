@@ -118,7 +118,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "seed + i (notebook 07)")
     speculative.add_argument("--prompt_lookup_num_tokens", type=int, default=None,
                              help="draft up to N tokens by finding the last tokens earlier in the prompt and text "
-                                  "(prompt lookup, good when the output copies the input; default: off)")
+                                  "(prompt lookup, good when the output copies the input; the longest earlier "
+                                  "match, the draft shortened while guesses fail; default: off)")
     speculative.add_argument("--assistant_model", default=None,
                              help="draft with this smaller model; it must share the model's tokenizer (default: off)")
     speculative.add_argument("--assistant_early_exit", type=int, default=None,
@@ -385,12 +386,13 @@ def header(index: int, total: int, setting: dict[str, float]) -> str:
 
 def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, dict] | None:
     """A maker of fresh drafters and its description, or None when no speculative option is set."""
-    from .drafters import ModelDrafter, PromptLookup, early_exit_model
+    from .drafters import ModelDrafter, SuffixLookup, early_exit_model
     from .loading import ModelLoadError, load_model
 
     if args.prompt_lookup_num_tokens is not None:
         n = args.prompt_lookup_num_tokens
-        return (lambda: PromptLookup(n)), {"drafter": "prompt lookup", "num_draft_tokens": n}
+        about = {"drafter": "prompt lookup (longest earlier match, adaptive draft length)", "num_draft_tokens": n}
+        return (lambda: SuffixLookup(n)), about
     n = args.num_assistant_tokens
     if args.assistant_early_exit is not None:
         try:

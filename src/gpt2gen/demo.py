@@ -242,13 +242,13 @@ def speculative_updates(loaded: LoadedModel, request: Request, num_tokens: int,
     Accepted guesses are shown green, the model's own tokens plain, rejected guesses red and struck
     through (shown once, never part of the text). The text is the one `stream_updates` gives.
     """
-    from .drafters import PromptLookup
+    from .drafters import SuffixLookup
     from .speculative import speculative_stream
 
     num_tokens = int(_number("draft length", num_tokens, 1, 16, whole=True))
     stop = stop or threading.Event()
     spans, drafted, accepted, passes, count = [_escape(request.prompt)], 0, 0, 0, 0
-    chunks = speculative_stream(loaded.model, loaded.tokenizer, request.prompt, PromptLookup(num_tokens),
+    chunks = speculative_stream(loaded.model, loaded.tokenizer, request.prompt, SuffixLookup(num_tokens),
                                 request.params, request.max_new_tokens, request.seed)
     try:
         for chunk in chunks:

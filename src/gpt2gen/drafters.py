@@ -4,13 +4,16 @@
   followed them there (as `transformers`' `PromptLookupCandidateGenerator`). No model at all: it
   shines when the output copies its input (editing a text, rewriting code). Deterministic, so its
   proposal distribution q is a point mass on each drafted token.
+- `SuffixLookup`: prompt lookup that matches the longest stretch of context it can find and drafts
+  only as far as it has lately been right; what the CLI and the demo use.
 - `ModelDrafter`: a small model sharing the target's tokenizer drafts autoregressively over its own
   KV cache, drawing from its own warped distribution q (argmax when greedy).
 - `early_exit_model`: the target's first layers with its final norm and LM head, sharing its weights:
   a draft model for when only one model is at hand (self-speculation).
 
 A drafter's `draft(sequence, count, params, generator)` returns at most `count` tokens and, for a
-sampled draft, the distributions they were drawn from.
+sampled draft, the distributions they were drawn from; `update(drafted, accepted)` then tells it how
+many of them the target kept (as `transformers`' `update_candidate_strategy`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class Drafter(Protocol):
         self, sequence: torch.Tensor, count: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Draft:
         """Propose at most `count` tokens to follow `sequence` (`[length]`, prompt and text so far)."""
+        ...
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Learn from the last draft: `accepted` of its `drafted` tokens were kept."""
         ...
 
     def reset(self) -> None:
@@ -85,8 +92,68 @@ class PromptLookup:
                         return Draft(sequence[start + size : end].clone())
         return Draft(sequence.new_empty(0))
 
+    def update(self, drafted: int, accepted: int) -> None:
+        pass  # a constant draft length, as in transformers
+
     def reset(self) -> None:
         pass
+
+
+MAX_MATCH = 32  # suffix tokens compared at most: past this, a longer match predicts no better
+
+
+class SuffixLookup:
+    """Prompt lookup that matches more context and drafts only as far as it has lately been right.
+
+    Two changes to `PromptLookup`, both for a machine where a verification pass over many tokens
+    costs far more than one over a single token (a CPU: notebook 07), so that a rejected guess is
+    not free:
+
+    - The match: the longest suffix of the text, at least `min_match` tokens, that occurred earlier,
+      at its latest occurrence. `PromptLookup` takes the leftmost occurrence of the last two tokens,
+      which in code, where an indent or `):` recurs everywhere, is often not the place being copied.
+    - The length: doubled after a draft the target kept whole, halved after a rejection, between 1
+      and `num_tokens` (as TCP's slow start): long drafts while the answer copies, short ones once
+      it departs from its source. `transformers`' heuristic schedule for draft models adapts the
+      same way, by +2 and -1.
+
+    The text is the same as with any drafter (the target decides every token); only the speed changes.
+    """
+
+    def __init__(self, num_tokens: int = 10, min_match: int = 2):
+        _check_positive("num_tokens (prompt_lookup_num_tokens)", num_tokens)
+        _check_positive("min_match", min_match)
+        self.num_tokens = num_tokens
+        self.min_match = min_match
+        self.reset()
+
+    def draft(
+        self, sequence: torch.Tensor, count: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> Draft:
+        count = min(count, self.length)
+        if count < 1 or sequence.shape[0] <= self.min_match:
+            return Draft(sequence.new_empty(0))
+        # Earlier positions holding the last token (the last position itself excluded: nothing follows it),
+        # narrowed one token further back at a time while their context still equals the text's.
+        ends = (sequence[:-1] == sequence[-1]).nonzero().flatten()
+        matched = 1
+        while ends.numel() and matched < MAX_MATCH:
+            reach = ends[ends >= matched]  # those with a token `matched` places back
+            longer = reach[sequence[reach - matched] == sequence[-1 - matched]]
+            if not longer.numel():
+                break
+            ends, matched = longer, matched + 1
+        if matched < self.min_match or not ends.numel():
+            return Draft(sequence.new_empty(0))
+        start = int(ends[-1]) + 1  # the latest of the longest matches
+        return Draft(sequence[start : start + count].clone())
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted:
+            self.length = min(self.num_tokens, 2 * self.length) if accepted == drafted else max(1, self.length // 2)
+
+    def reset(self) -> None:
+        self.length = self.num_tokens
 
 
 class ModelDrafter:
@@ -142,6 +209,9 @@ class ModelDrafter:
         # Every drafted token but the last has been fed, so its keys and values are in the cache.
         self.cached = torch.cat([sequence, drafted[:-1]])
         return Draft(drafted, torch.stack(probs) if probs else None)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        pass  # a constant draft length, as transformers' default schedule
 
 
 def _layers_name(base: nn.Module) -> str:

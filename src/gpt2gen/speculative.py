@@ -162,6 +162,7 @@ def speculative_steps(
         else:
             p = torch.softmax(process_logits(logits, params), dim=-1)
             accepted, token = verify_sampled(p, draft, generator)
+        drafter.update(k, accepted)
         if accepted < k:
             cache.crop(accepted - k)  # forget the keys and values of the rejected drafted tokens
         new = draft.tokens[:accepted].tolist() + [token]

@@ -20,6 +20,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def check_goals(rows: list[dict]) -> list[dict]:
     """Issue 13's goals on the bfloat16 rows: each met, or missed by how much."""
     checks = []
     for row in rows:
-        if row["dtype"] != "bfloat16":
+        if row["dtype"] != "bfloat16" or "error" in row:
             continue
         ours, theirs = row["tokens/s"]["loop static + CUDA graph"], row["tokens/s"]["generate static"]
         label = f"batch {row['batch']}, {row['method']}"
@@ -104,7 +105,12 @@ def table(results: dict) -> str:
              f"{results['copy bandwidth GB/s']:,.0f} GB/s. tokens/s (share of the ceiling).", "",
              "| dtype | batch | method | ceiling | " + " | ".join(SIDES) + " |", "|---" * (4 + len(SIDES)) + "|"]
     for row in results["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['dtype']} | {row['batch']} | {row['method']} | failed: {row['error']} |")
+            continue
         cells = [f"{row['tokens/s'][s]:,.0f} ({100 * row['share of ceiling'][s]:.1f}%)" for s in SIDES]
+        if not row["graph captured"]:
+            cells[SIDES.index("loop static + CUDA graph")] += " (capture failed: eager)"
         lines.append(f"| {row['dtype']} | {row['batch']} | {row['method']} | {row['ceiling tokens/s']:,.0f} | "
                      + " | ".join(cells) + " |")
     lines += ["", *(f"- {check['text']}" for check in results["goals"])]
@@ -156,18 +162,22 @@ def sides(model, tokenizer, prompts: list[str], settings: dict) -> dict[str, Cal
     return dict(zip(SIDES, (ours("dynamic"), ours("static"), theirs("dynamic"), theirs("static"))))
 
 
-def measure_row(model, tokenizer, prompts: list[str], settings: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each side; each side warmed up once (generate static compiles then), then
-    the sides alternated, in a rotated order at each repeat."""
+def measure_row(model, tokenizer, prompts: list[str], settings: dict, repeats: int) -> tuple[dict[str, float], bool]:
+    """Median seconds of each side, and whether the loop's CUDA graph was captured (a failed capture
+    falls back to the eager static step with a warning). Each side is warmed up once (generate static
+    compiles then), then the sides alternate, in a rotated order at each repeat."""
     runs = sides(model, tokenizer, prompts, settings)
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            times[name].append(timed(runs[name]))
-    return {name: statistics.median(values) for name, values in times.items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for fn in runs.values():
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for repeat in range(repeats):
+            for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+                times[name].append(timed(runs[name]))
+    captured = not any("CUDA graph capture failed" in str(w.message) for w in caught)
+    return {name: statistics.median(values) for name, values in times.items()}, captured
 
 
 def parity(model, tokenizer, prompts: list[str]) -> dict:
@@ -196,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, bfloat16, 3 repeats: a rough run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side (default 5)")
-    parser.add_argument("--output", type=Path, help="JSON file to write (default: benchmarks/results/gpu-<card>.json)")
+    parser.add_argument("--output", type=Path, help="JSON file to write (default: benchmarks/results/gpu-<card>.json, "
+                                                     "or quick-gpu-<card>.json with --quick)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("No CUDA GPU on this machine: nothing measured, no file written. Run this on a machine with a GPU.")
@@ -218,7 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device-to-device copy: {bandwidth / 1e9:,.0f} GB/s", file=sys.stderr)
     results = {"machine": machine(device), "new_tokens": NEW_TOKENS, "repeats": repeats, "quick": args.quick,
                "prompts": f"the study's local prompts, first {PROMPT_WORDS} words, left-padded",
-               "copy bandwidth GB/s": bandwidth / 1e9, "rows": []}
+               "copy bandwidth GB/s": bandwidth / 1e9, "rows": [], "goals": []}
+    output = args.output or results_path(results["machine"]["gpu"])
+    if args.quick and not args.output:
+        output = output.with_name(f"quick-{output.name}")  # a rough run never replaces a full one
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        """Written after every row: a failure later keeps what was measured."""
+        results["goals"] = check_goals(results["rows"])
+        write_json_atomic(output, results)
+
     # generate's static cache compiles its forward once per shape: room for every batch and prompt length
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, limit):
@@ -230,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         model.generation_config.eos_token_id = None  # every run produces exactly NEW_TOKENS tokens
         model.generation_config.pad_token_id = tokenizer.eos_token_id
         if dtype_name == "float32":
-            results["parity"] = parity(model, tokenizer, [texts[i % len(texts)] for i in range(8)])
+            try:
+                results["parity"] = parity(model, tokenizer, [texts[i % len(texts)] for i in range(8)])
+            except Exception as error:  # recorded; the speed rows still run
+                results["parity"] = {"error": f"{type(error).__name__}: {error}"}
         for batch in batches:
             prompts = [texts[i % len(texts)] for i in range(batch)]
             prompt_length = max(len(tokenizer(p).input_ids) for p in prompts)
@@ -238,22 +262,28 @@ def main(argv: list[str] | None = None) -> int:
                                   DTYPES[dtype_name].itemsize, batch, prompt_length, NEW_TOKENS)
             ceiling = ceiling_tokens_per_s(bandwidth, step["total"], batch)
             for method, settings in METHODS.items():
-                seconds = measure_row(model, tokenizer, prompts, settings, repeats)
+                where = {"dtype": dtype_name, "batch": batch, "method": method}
+                try:
+                    seconds, captured = measure_row(model, tokenizer, prompts, settings, repeats)
+                except Exception as error:  # one failing row (out of memory, say) loses no other
+                    results["rows"].append(where | {"error": f"{type(error).__name__}: {error}"})
+                    print(f"  {dtype_name} batch {batch} {method}: failed: {error}", file=sys.stderr)
+                    torch.cuda.empty_cache()
+                    save()
+                    continue
                 speed = {name: batch * NEW_TOKENS / s for name, s in seconds.items()}
-                results["rows"].append({
-                    "dtype": dtype_name, "batch": batch, "method": method, "prompt tokens": prompt_length,
+                results["rows"].append(where | {
+                    "prompt tokens": prompt_length, "graph captured": captured,
                     "bytes per step": step, "ceiling tokens/s": ceiling, "tokens/s": speed,
                     "ms per step": {name: 1000 * s / NEW_TOKENS for name, s in seconds.items()},
                     "share of ceiling": {name: v / ceiling for name, v in speed.items()},
                 })
+                save()
                 print(f"  {dtype_name} batch {batch} {method}: " + ", ".join(f"{k} {v:,.0f}" for k, v in speed.items()),
                       file=sys.stderr)
         del model
         torch.cuda.empty_cache()
-    results["goals"] = check_goals(results["rows"])
-    output = args.output or results_path(results["machine"]["gpu"])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output, results)
+    save()
     print(table(results))
     print(f"\nwrote {output}", file=sys.stderr)
     return 0

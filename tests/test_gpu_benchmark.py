@@ -28,10 +28,10 @@ def test_ceiling_of_gpt2_small_matches_the_hand_computed_one():
     assert gpu.ceiling_tokens_per_s(3006e9, step["total"], 64) == pytest.approx(64 * 3006e9 / step["total"])
 
 
-def row(batch, ours, theirs, dtype="bfloat16"):
+def row(batch, ours, theirs, dtype="bfloat16", captured=True):
     sides = dict.fromkeys(gpu.SIDES, 100.0) | {"loop static + CUDA graph": ours, "generate static": theirs}
     return {"dtype": dtype, "batch": batch, "method": "greedy", "tokens/s": sides, "ceiling tokens/s": 10_000.0,
-            "share of ceiling": {k: v / 10_000 for k, v in sides.items()}}
+            "share of ceiling": {k: v / 10_000 for k, v in sides.items()}, "graph captured": captured}
 
 
 def test_goals_say_met_or_by_how_much_they_were_missed():
@@ -51,6 +51,17 @@ def test_table_names_the_card_and_every_side():
     assert "GPU: NVIDIA H100 80GB HBM3" in text and "3,006 GB/s" in text
     assert "| bfloat16 | 1 | greedy | 10,000 | 100 (1.0%) | 1,200 (12.0%) | 100 (1.0%) | 500 (5.0%) |" in text
     assert gpu.results_path("NVIDIA H100 80GB HBM3", Path("r")) == Path("r/gpu-nvidia-h100-80gb-hbm3.json")
+
+
+def test_a_failed_row_and_a_failed_capture_are_shown_not_hidden():
+    failed = {"dtype": "bfloat16", "batch": 64, "method": "greedy", "error": "OutOfMemoryError: CUDA out of memory"}
+    results = {"machine": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11", "transformers": "5.23", "date": "2026-11-25"},
+               "new_tokens": 128, "copy bandwidth GB/s": 3006.0, "rows": [row(1, 300.0, 500.0, captured=False), failed]}
+    results["goals"] = gpu.check_goals(results["rows"])
+    assert len(results["goals"]) == 2  # the failed row has no goal to check
+    text = gpu.table(results)
+    assert "300 (3.0%) (capture failed: eager)" in text
+    assert "| bfloat16 | 64 | greedy | failed: OutOfMemoryError: CUDA out of memory |" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

@@ -17,6 +17,7 @@ at t is fed. The same tokens as the dynamic loop and `model.generate` come out, 
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ Select = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # float32 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 WARMUP_STEPS = 2  # eager steps before capture (on a side stream, as the CUDA-graph docs require)
 CHECK_EVERY_ON_CUDA = 8  # look at "every row finished" once per this many steps (one host sync)
+# One capture at a time in the process: the demo decodes for several people in threads, and a capture
+# records every kernel launched meanwhile on its stream.
+_CAPTURE_LOCK = threading.Lock()
 
 
 def resolve_cache_implementation(cache_implementation: str | None, device: torch.device) -> str:
@@ -148,8 +152,10 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         if generator is not None:
             graph.register_generator_state(generator)  # a seeded draw advances in every replay
-        # thread_local: another thread using the GPU meanwhile (the demo serves several people) is not an error
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # A private stream (not torch's shared capture stream); thread_local: another thread using the
+        # GPU meanwhile (the demo serves several people) is not an error.
+        stream = torch.cuda.Stream(device=self.tokens.device)
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             self._eager_step()
         self.graph = graph
 
@@ -228,14 +234,28 @@ def _on_side_stream(step: Callable[[], None], device: torch.device) -> None:
 def _try_capture(decoder: StaticDecoder, generator: torch.Generator | None, device: torch.device) -> bool:
     """Capture the step; on any failure warn in one line and let the eager static step carry on."""
     state = generator.get_state() if generator is not None else None
+    stream = torch.cuda.current_stream(device)
     try:
-        with torch.cuda.device(device):
+        with _CAPTURE_LOCK, torch.cuda.device(device):
             decoder.capture(generator)
         return True
     except Exception as error:  # a GPU user is never worse off than with the eager static step
         decoder.graph = None
+        # A capture that fails leaves this thread on its capture stream and the generators it
+        # registered (the default CUDA generator always) in capture mode, where any later draw
+        # fails: go back to the stream, and end one empty capture to release the generators.
+        torch.cuda.set_stream(stream)
+        _release_generators(generator, device)
         torch.cuda.synchronize(device)
         if generator is not None:
             generator.set_state(state)
         warnings.warn(f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding eagerly", stacklevel=3)
         return False
+
+
+def _release_generators(generator: torch.Generator | None, device: torch.device) -> None:
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
+    with _CAPTURE_LOCK, torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device=device)):
+        pass

@@ -108,10 +108,14 @@ def test_suffix_lookup_takes_the_latest_of_the_longest_matches():
     sequence = [9, 9, 1, 2, 7, 9, 9, 3, 4, 5, 8, 7, 9, 9]
     assert PromptLookup(5).draft(torch.tensor(sequence), 5, SamplingParams.greedy(), None).tokens.tolist() == [1, 2, 7, 9, 9]
     assert draft(sequence) == [3, 4, 5, 8, 7]
-    assert draft([1, 2, 3, 1, 2, 3, 1, 2]) == [3, 1, 2]  # the match of 5 tokens, not the one of 2
+    assert draft([1, 2, 3, 1, 2, 3, 4, 1, 2]) == [3, 4, 1, 2, 3]  # the latest match of "1 2", then "3 4 1 2" again
     assert draft([5, 2, 3, 4, 2]) == []  # only one token matches: below min_match
-    assert draft([5, 2, 3, 4, 2], SuffixLookup(5, min_match=1)) == [3, 4, 2]
-    assert draft([4, 2, 3, 1, 2, 3]) == [1, 2, 3]  # "2 3" matches, "1 2 3" does not: a match of 2 tokens
+    assert draft([5, 2, 3, 4, 2], SuffixLookup(5, min_match=1)) == [3, 4, 2, 3, 4]
+    assert draft([4, 2, 3, 1, 2, 3]) == [1, 2, 3, 1, 2]  # "2 3" matches, "1 2 3" does not: a match of 2 tokens
+    # A repetition continues past the end of the text: period 3 here, period 1 for a repeated token.
+    assert draft([1, 2, 3, 1, 2, 3, 1, 2]) == [3, 1, 2, 3, 1]
+    assert SuffixLookup(7).draft(torch.tensor([5, 1, 2, 3, 1, 2, 3, 1, 2]), 7, SamplingParams.greedy(), None).tokens.tolist() == [3, 1, 2, 3, 1, 2, 3]
+    assert draft([4, 7, 7, 7]) == [7, 7, 7, 7, 7]
 
 
 def test_suffix_lookup_doubles_its_draft_after_success_and_halves_it_after_a_rejection():
@@ -372,7 +376,8 @@ def benchmark_rows(results: dict) -> list[str]:
         for title, entry in prompts.items():
             for name, row in entry["runs"].items():
                 rate = f"{row['acceptance rate']:.0%}" if "acceptance rate" in row else "–"
-                per_pass = f"{row['tokens per pass']:.2f}" if "tokens per pass" in row else "1"
+                plain = name in ("plain loop", "transformers generate")
+                per_pass = f"{row['tokens per pass']:.2f}" if "tokens per pass" in row else "1" if plain else "–"
                 rows.append(f"| {kind}: {title} | {name} | {row['tokens/s']:.1f} | "
                             f"{row['speed-up vs plain loop']:.2f}x | {rate} | {per_pass} |")
     return rows

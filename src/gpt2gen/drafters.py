@@ -113,8 +113,8 @@ class SuffixLookup:
       at its latest occurrence. `PromptLookup` takes the leftmost occurrence of the last two tokens,
       which in code, where an indent or `):` recurs everywhere, is often not the place being copied.
     - The length: doubled after a draft the target kept whole, halved after a rejection, between 1
-      and `num_tokens` (as TCP's slow start): long drafts while the answer copies, short ones once
-      it departs from its source. `transformers`' heuristic schedule for draft models adapts the
+      and `num_tokens` (multiplicative increase and decrease): long drafts while the answer copies,
+      short ones once it departs from its source. `transformers`' heuristic schedule for draft models adapts the
       same way, by +2 and -1.
 
     The text is the same as with any drafter (the target decides every token); only the speed changes.
@@ -146,7 +146,10 @@ class SuffixLookup:
         if matched < self.min_match or not ends.numel():
             return Draft(sequence.new_empty(0))
         start = int(ends[-1]) + 1  # the latest of the longest matches
-        return Draft(sequence[start : start + count].clone())
+        # Where that match overlaps the end, the text repeats with period `length - start`: continue the
+        # repetition rather than stop at the end of the text.
+        period = sequence.shape[0] - start
+        return Draft(sequence[start + torch.arange(count, device=sequence.device) % period])
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted:

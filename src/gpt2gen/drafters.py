@@ -105,17 +105,19 @@ MAX_MATCH = 32  # suffix tokens compared at most: past this, a longer match pred
 class SuffixLookup:
     """Prompt lookup that matches more context and drafts only as far as it has lately been right.
 
-    Two changes to `PromptLookup`, both for a machine where a verification pass over many tokens
+    Three changes to `PromptLookup`, for a machine where a verification pass over many tokens
     costs far more than one over a single token (a CPU: notebook 07), so that a rejected guess is
     not free:
 
     - The match: the longest suffix of the text, at least `min_match` tokens, that occurred earlier,
       at its latest occurrence. `PromptLookup` takes the leftmost occurrence of the last two tokens,
       which in code, where an indent or `):` recurs everywhere, is often not the place being copied.
+    - The repetition: where the stretch after that match reaches the end of the text, the text is
+      repeating itself, and the draft goes on repeating it.
     - The length: doubled after a draft the target kept whole, halved after a rejection, between 1
       and `num_tokens` (multiplicative increase and decrease): long drafts while the answer copies,
-      short ones once it departs from its source. `transformers`' heuristic schedule for draft models adapts the
-      same way, by +2 and -1.
+      short ones once it departs from its source. `transformers`' heuristic schedule for draft
+      models adapts the same way, by +2 and -1.
 
     The text is the same as with any drafter (the target decides every token); only the speed changes.
     """
@@ -146,8 +148,7 @@ class SuffixLookup:
         if matched < self.min_match or not ends.numel():
             return Draft(sequence.new_empty(0))
         start = int(ends[-1]) + 1  # the latest of the longest matches
-        # Where that match overlaps the end, the text repeats with period `length - start`: continue the
-        # repetition rather than stop at the end of the text.
+        # Past the end of the text, the copied stretch repeats with period `length - start`.
         period = sequence.shape[0] - start
         return Draft(sequence[start + torch.arange(count, device=sequence.device) % period])
 

@@ -34,6 +34,7 @@ from gpt2gen.comparison import load_prompts
 from gpt2gen.files import write_json_atomic
 from gpt2gen.generation import decode_steps, decode_steps_without_cache, encode_prompts, generate
 from gpt2gen.gpt2_reference import gpt2_tokenizer
+from gpt2gen.hardware import bfloat16_instructions, cpu_name
 from gpt2gen.sampling import SamplingParams, apply_temperature, fused_top_k_top_p, top_k_filter, top_p_filter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -61,20 +62,13 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def machine() -> dict:
-    cpu, bf16 = platform.processor(), None
-    if Path("/proc/cpuinfo").exists():
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-        bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]  # native bfloat16 arithmetic
     from importlib.metadata import version
 
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
         "device": "cpu", "date": time.strftime("%Y-%m-%d"),
-        "bfloat16 instructions": bf16,
+        "bfloat16 instructions": bfloat16_instructions(),
     }
 
 

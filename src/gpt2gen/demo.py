@@ -94,14 +94,20 @@ class Request:
 
 
 def _number(name: str, value, low: float, high: float, whole: bool = False) -> float:
+    kind = "a whole number" if whole else "a number"
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise DemoInputError(f"{name} must be a number between {low:g} and {high:g}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise DemoInputError(f"{name} must be {kind} between {_plain(low)} and {_plain(high)}, "
+                             f"got {str(value)[:40]!r}") from None
     if math.isnan(number) or not low <= number <= high or (whole and number != int(number)):
-        kind = "a whole number" if whole else "a number"
-        raise DemoInputError(f"{name} must be {kind} between {low:g} and {high:g}, got {value!r}")
+        raise DemoInputError(f"{name} must be {kind} between {_plain(low)} and {_plain(high)}, got {value!r}")
     return number
+
+
+def _plain(number: float) -> str:
+    """A limit as people write it: 2147483647, not 2.14748e+09; 0.05, not 0.050000."""
+    return str(int(number)) if number == int(number) else f"{number:g}"
 
 
 def make_request(prompt, method, temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=60, seed=None,
@@ -113,7 +119,7 @@ def make_request(prompt, method, temperature=1.0, top_k=50, top_p=0.9, max_new_t
     if len(prompt) > MAX_PROMPT_CHARS:
         raise DemoInputError(f"The prompt is {len(prompt)} characters long; the demo accepts up to {MAX_PROMPT_CHARS}.")
     if method not in METHODS:
-        raise DemoInputError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+        raise DemoInputError(f"Unknown method {str(method)[:40]!r}: choose one of {', '.join(METHODS)}.")
     if seed in (None, ""):
         seed_value = None
     else:
@@ -443,7 +449,9 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
             method.change(_visibility, method, [temperature, top_k, top_p, seed, penalty_alpha], queue=False)
             inputs = [prompt, method, temperature, top_k, top_p, max_new_tokens, seed, *remedies, penalty_alpha]
             started = generate_button.click(stop_session, None, None, queue=False, trigger_mode="multiple")
-            started.then(run_stream, inputs, [output, chart, status], api_name="generate")
+            # preprocess=False: the handlers' own checks are the only ones, so a refused value is a message
+            # in the page and never a traceback in the server log (Gradio's checks print one).
+            started.then(run_stream, inputs, [output, chart, status], api_name="generate", preprocess=False)
             # Stop sets the session's stop event: the stream ends after the current token and reports it.
             stop_button.click(stop_session, None, None, queue=False)
         with gr.Tab("Compare"):
@@ -463,7 +471,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                 with gr.Column(scale=3):
                     table = gr.Dataframe(label=f"Side by side ({loaded.label})", wrap=True)
             compare_button.click(run_compare, [c_prompt, c_methods, c_temperature, c_top_k, c_top_p, c_max, c_seed,
-                                               *c_remedies, c_alpha], table, api_name="compare")
+                                               *c_remedies, c_alpha], table, api_name="compare", preprocess=False)
         with gr.Tab("Structured output"):
             with gr.Row():
                 with gr.Column(scale=2):
@@ -480,7 +488,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                 with gr.Column(scale=3):
                     s_table = gr.Dataframe(label=f"Every complete sample matches ({loaded.label})", wrap=True)
             structured_button.click(run_structured, [s_prompt, s_kind, s_spec, s_method, s_temperature, s_top_p, s_max,
-                                                     s_seed], s_table, api_name="structured")
+                                                     s_seed], s_table, api_name="structured", preprocess=False)
         with gr.Tab("Speculative"):
             gr.Markdown("Prompt lookup guesses the next tokens from text that came before and the model checks "
                         f"them all in one pass: <span style='{ACCEPTED_STYLE}'>accepted guesses</span>, the model's "
@@ -504,7 +512,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                     p_status = gr.Markdown()
             speculative_button.click(
                 run_speculative, [p_prompt, p_method, p_temperature, p_top_k, p_top_p, p_max, p_seed, p_draft],
-                [p_output, p_status], api_name="speculative",
+                [p_output, p_status], api_name="speculative", preprocess=False,
             )
     return app
 

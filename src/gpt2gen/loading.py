@@ -20,11 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import embedded
+from .embedded import DEFAULT_MODEL, MODEL_ENV_VAR
 from .files import cache_root
 from .progress import progress_bars_off
 
-DEFAULT_MODEL = "gpt2"
-MODEL_ENV_VAR = "GPT2GEN_MODEL"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

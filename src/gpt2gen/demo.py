@@ -38,6 +38,7 @@ REPETITION_PENALTY_RANGE = (0.5, 3.0)
 NGRAM_RANGE = (0, 10)
 CHART_TOKENS = 12
 STEP_TIMEOUT_S = 120  # longest wait for one token before the stream gives up
+MAX_QUEUE = 32  # requests waiting for a free generation slot; more are refused at once
 
 
 class DemoInputError(ValueError):
@@ -521,10 +522,15 @@ CSS = "#chart, #chart svg { overflow: visible !important; } #chart { margin-bott
 
 
 def launch(loaded: LoadedModel | None = None, host: str = "127.0.0.1", port: int | None = None,
-           prevent_thread_lock: bool = False, concurrency: int = 2) -> gr.Blocks:
-    """Serve the app on loopback (sharing off) with a request queue; returns it (call `.close()` to stop)."""
+           prevent_thread_lock: bool = False, concurrency: int = 2, max_queue: int = MAX_QUEUE) -> gr.Blocks:
+    """Serve the app on loopback (sharing off); returns it (call `.close()` to stop).
+
+    At most `concurrency` generations run at once; up to `max_queue` more requests wait, and a
+    request beyond them is refused at once ("queue is full"), so memory stays bounded by the model
+    and `concurrency` generations whatever the number of users.
+    """
     app = build_app(loaded or get_model())
-    app.queue(default_concurrency_limit=concurrency, max_size=32)
+    app.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
                prevent_thread_lock=prevent_thread_lock, quiet=True, css=CSS)
     return app
@@ -547,15 +553,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--model_name", default=None, help="Hub id or local folder (default: $GPT2GEN_MODEL, else gpt2)")
     parser.add_argument("--concurrency", type=int, default=2, help="generations served at once (default: 2)")
+    parser.add_argument("--max_queue", type=int, default=MAX_QUEUE,
+                        help=f"requests that may wait for a free slot; more are refused (default: {MAX_QUEUE})")
     args = parser.parse_args(argv)
-    if not 1 <= args.port <= 65535 or args.concurrency < 1:
-        parser.exit(2, f"{parser.prog}: error: --port must be 1-65535 and --concurrency at least 1\n")
+    if not 1 <= args.port <= 65535 or args.concurrency < 1 or args.max_queue < 1:
+        parser.exit(2, f"{parser.prog}: error: --port must be 1-65535, --concurrency and --max_queue at least 1\n")
     try:
         loaded = get_model(args.model_name)
     except ModelLoadError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     try:
-        app = launch(loaded, host=args.host, port=args.port, prevent_thread_lock=True, concurrency=args.concurrency)
+        app = launch(loaded, host=args.host, port=args.port, prevent_thread_lock=True, concurrency=args.concurrency,
+                     max_queue=args.max_queue)
     except OSError as exc:
         parser.exit(2, f"{parser.prog}: error: cannot serve on {args.host}:{args.port}: {_first_line(exc)} "
                        "(try another --port)\n")

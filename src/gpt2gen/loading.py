@@ -233,9 +233,10 @@ def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     tokenizer.model_max_length = context_length(model)
+    # The decoding loops mask padding themselves; `config.pad_token_id` is left unset, because with it a
+    # model warns "We strongly recommend passing in an `attention_mask`" whenever an unpadded input starts
+    # or ends with EOS (every run without a prompt: GPT-2 pads with its EOS, which is also its BOS).
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def load_embedded(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> LoadedModel:

@@ -151,7 +151,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     structured = parser.add_mutually_exclusive_group()
     structured.add_argument("--regex", default=None,
                             help="constrained decoding: every sample's new text must match this regular expression "
-                                 "in full (Python re syntax, no look-arounds); runs on one device")
+                                 "in full (Python re syntax, no anchors or look-arounds); runs on one device")
     structured.add_argument("--json_schema", default=None, metavar="FILE",
                             help="constrained decoding: every sample's new text must be JSON valid under the JSON "
                                  "Schema in FILE; runs on one device")

@@ -165,7 +165,7 @@ def run_load(model: str, clients: int, seconds: float, max_new_tokens: int = 48,
             proc.kill()
     for records in results:
         for record in records:
-            record["start_s"] = round(record["start_s"] - started, 3)
+            record["start_s"] = round(record["start_s"] - started, 3)  # from the start of the load
     log = getattr(proc, "log", b"").decode(errors="replace")
     return {
         "machine": machine(),
@@ -180,7 +180,11 @@ def run_load(model: str, clients: int, seconds: float, max_new_tokens: int = 48,
 
 
 def summarize(results: list[list[dict]], idle_rss: float, rss: list) -> dict:
-    """Medians and extremes over every request; errors by message; memory before and during the load."""
+    """Medians and extremes over every request; errors by message; memory before and during the load.
+
+    The first generation pages the model's weights in and warms the allocator: memory is judged by
+    its growth after the first request completes (`rss_warm_mib`, the first sample from then on).
+    """
     done = [r for records in results for r in records if r["error"] is None]
     errors: dict[str, int] = {}
     for records in results:
@@ -188,6 +192,7 @@ def summarize(results: list[list[dict]], idle_rss: float, rss: list) -> dict:
             if r["error"] is not None:
                 errors[r["error"]] = errors.get(r["error"], 0) + 1
     ttft = sorted(r["ttft_s"] for r in done)
+    first_done = min((r["start_s"] + r["seconds"] for r in done), default=None)
     rates = [r["decode_tokens_per_s"] for r in done if "decode_tokens_per_s" in r]
 
     def spread(values: list[float]) -> dict | None:
@@ -202,6 +207,7 @@ def summarize(results: list[list[dict]], idle_rss: float, rss: list) -> dict:
         "decode_tokens_per_s_per_client": spread(rates),
         "clients_with_a_completed_request": sum(any(r["error"] is None for r in records) for records in results),
         "rss_idle_mib": idle_rss,
+        "rss_warm_mib": next((m for t, m in rss if done and t >= first_done), None),
         "rss_max_mib": max((m for _, m in rss), default=idle_rss),
     }
 
@@ -227,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.clients} clients, {result['elapsed_s']} s, {s['requests']} requests, {s['completed']} completed, "
           f"{s['tokens']} tokens; errors {s['errors'] or 'none'}")
     print(f"time to first token (s): {s['ttft_s']}; decode tokens/s per client: {s['decode_tokens_per_s_per_client']}")
-    print(f"server RSS: {s['rss_idle_mib']} MiB idle, {s['rss_max_mib']} MiB at most; "
+    print(f"server RSS: {s['rss_idle_mib']} MiB idle, {s['rss_warm_mib']} MiB after the first request, "
+          f"{s['rss_max_mib']} MiB at most; "
           f"tracebacks in its log: {result['server_tracebacks']}; wrote {args.output}")
     return 0
 

@@ -38,6 +38,7 @@ def test_three_streaming_clients_all_get_tokens_and_memory_stays_bounded(tiny_mo
             assert record["tokens"] == 12 and 0 < record["ttft_s"] <= record["seconds"]
             assert record["decode_tokens_per_s"] > 0
     assert result["rss_mib"], "no memory sample"
+    assert summary["rss_warm_mib"] <= summary["rss_max_mib"]
     assert summary["rss_max_mib"] - summary["rss_idle_mib"] < GROWTH_BOUND_MIB
     assert result["machine"]["cpu"]
 

@@ -574,6 +574,13 @@ def test_demo_with_its_port_in_use_says_so_only(tiny_model_dir):
     assert f"cannot serve on 127.0.0.1:{port}" in done.stderr
 
 
+def test_the_demo_command_takes_ascii_counts_only():
+    done = subprocess.run([sys.executable, str(DEMO), "--port", "٣"], capture_output=True, text=True, timeout=180,
+                          env=cli_env("unused"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "argument --port: '٣' is not a whole number in ASCII digits 0-9" in done.stderr
+
+
 def test_the_readme_states_the_limits_the_code_applies():
     from gpt2gen import demo
     from gpt2gen.checks import REPETITION_PENALTY_LIMITS

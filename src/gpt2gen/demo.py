@@ -541,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from .cli import whole_number
     from .loading import ModelLoadError
 
     parser = argparse.ArgumentParser(
@@ -550,11 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to your network)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--port", type=whole_number, default=7860, help="port, 1 to 65535 (default: 7860)")
     parser.add_argument("--model_name", default=None, help="Hub id or local folder (default: $GPT2GEN_MODEL, else gpt2)")
-    parser.add_argument("--concurrency", type=int, default=2, help="generations served at once (default: 2)")
-    parser.add_argument("--max_queue", type=int, default=MAX_QUEUE,
-                        help=f"requests that may wait for a free slot; more are refused (default: {MAX_QUEUE})")
+    parser.add_argument("--concurrency", type=whole_number, default=2,
+                        help="generations served at once, at least 1 (default: 2)")
+    parser.add_argument("--max_queue", type=whole_number, default=MAX_QUEUE,
+                        help=f"requests that may wait for a free slot, at least 1; more are refused (default: {MAX_QUEUE})")
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535 or args.concurrency < 1 or args.max_queue < 1:
         parser.exit(2, f"{parser.prog}: error: --port must be 1-65535, --concurrency and --max_queue at least 1\n")

@@ -167,7 +167,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         (("--top_k", "-2"), "--top_k must be a whole number >= 0 (0 turns top-k off), got -2"),
         (("--output_json", ""), "--output_json: the path is empty"),
         (("--max_length", "0"), "--max_length must be at least 1, got 0"),
-        (("--num_samples", "two"), "argument --num_samples: invalid int value: 'two'"),
+        (("--num_samples", "two"), "argument --num_samples: 'two' is not a whole number in ASCII digits 0-9"),
         (("--devices", "a,b"), "--devices 'a,b' is not a list of GPU ids like 0,1"),
         (("--devices", "gpu"), "--devices 'gpu' is not valid: use auto, a count like 2, or GPU ids like 0,1"),
         (("--devices", "0"), "a count must be at least 1 (for GPU 0 alone write --devices 0,)"),

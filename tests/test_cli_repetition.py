@@ -45,9 +45,9 @@ def test_contrastive_search_from_the_command_line(tiny_model_dir, tiny_model, to
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--repetition_penalty", "0"), "--repetition_penalty must be a finite number > 0 (1 turns it off"),
-        (("--repetition_penalty", "nan"), "--repetition_penalty must be a finite number > 0"),
-        (("--no_repeat_ngram_size", "-1"), "--no_repeat_ngram_size must be a whole number >= 0 (0 turns it off), got -1"),
+        (("--repetition_penalty", "0"), "--repetition_penalty must be between 0.01 and 100 (1 turns it off"),
+        (("--repetition_penalty", "nan"), "--repetition_penalty must be between 0.01 and 100"),
+        (("--no_repeat_ngram_size", "-1"), "--no_repeat_ngram_size must be a whole number >= 0 and below 2**63 (0 turns it off), got -1"),
         (("--presence_penalty", "3"), "--presence_penalty must be in [-2, 2] (0 turns it off"),
         (("--frequency_penalty", "-2.5"), "--frequency_penalty must be in [-2, 2]"),
         (("--penalty_alpha", "1.5", "--top_k", "4"), "--penalty_alpha must be in [0, 1]"),

@@ -7,6 +7,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2gen import cli, embedded, loading
 from gpt2gen.loading import ModelLoadError, load_model
@@ -149,10 +152,12 @@ def full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_old_file(tiny_model_dir, full_disk):
+def test_a_full_disk_is_one_line_keeps_the_old_file_and_prints_the_texts(tiny_model_dir, full_disk):
     out = full_disk / "results.json"
     done = run_cli("--num_samples", "2", "--max_length", "12", "--output_json", str(out), model=tiny_model_dir)
-    one_error_line(done, 1, "No space left on device; an earlier file at that path is unchanged")
+    one_error_line(done, 1, "No space left on device; an earlier file at that path is unchanged; "
+                            "the 2 texts are on stdout above")
+    assert "=== sample 1/2" in done.stdout and "=== sample 2/2" in done.stdout
     assert out.read_text() == '{"earlier": "run"}\n'
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "results.json"]
 
@@ -187,8 +192,38 @@ def test_the_output_folder_removed_during_the_run_is_one_line(tiny_model_dir, tm
 
     monkeypatch.setenv("GPT2GEN_MODEL", str(tiny_model_dir))
     monkeypatch.setattr(cli, "generate_in_chunks", remove_folder_then_generate)
-    with pytest.raises(cli.WriteError, match="does not exist"):
+    with pytest.raises(cli.WriteError, match="does not exist.*; the 2 texts are on stdout above"):
         cli.run(cli_args(folder / "r.json"))
+
+
+@pytest.mark.parametrize("reader", ["reads stdout", "closed stdout", "stdout to /dev/null"])
+def test_texts_survive_a_json_that_cannot_be_written(slow_model_dir, tmp_path, reader):
+    """The output folder is removed mid-run: the texts reach stdout, or else a fallback file the message names."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    spare = tmp_path / "tmp"
+    spare.mkdir()
+    stdout = subprocess.DEVNULL if reader == "stdout to /dev/null" else subprocess.PIPE
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--num_samples", "2", "--max_length", "120", "--seed", "1",
+                             "--output_json", str(folder / "r.json")], stdout=stdout, stderr=subprocess.PIPE,
+                            env=cli_env(slow_model_dir, TMPDIR=str(spare)))
+    if reader == "closed stdout":
+        proc.stdout.close()
+    wait_for(proc, b"generating:")
+    shutil.rmtree(folder)
+    printed, rest = proc.communicate(timeout=180) if reader == "reads stdout" else (None, proc.communicate(timeout=180)[1])
+    last = rest.decode().strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in rest.decode(), rest.decode()
+    assert last.startswith(f"{SCRIPT.name}: error: --output_json: cannot write"), last
+    if reader == "reads stdout":
+        assert last.endswith("; nothing was written; the 2 texts are on stdout above")
+        assert printed.decode().count("=== sample ") == 2
+        return
+    [fallback] = spare.glob("gpt2gen-unsaved-*.json")
+    assert last.endswith(f"stdout was not printing, so the 2 texts and their settings are saved in {str(fallback)!r} "
+                         "instead")
+    saved = json.loads(fallback.read_text())
+    assert saved["metadata"]["seed"] == 1 and len(saved["texts"]) == 2
 
 
 def test_a_quoted_tilde_path_is_expanded_by_the_writer_too(tiny_model_dir, tmp_path):
@@ -441,8 +476,6 @@ def test_the_hub_probe_goes_through_the_proxy_and_tries_again_later(fake_proxy, 
 
 
 def test_device_errors_name_no_cli_option():
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError) as caught:
@@ -511,6 +544,18 @@ def test_served_demo_refuses_hostile_requests_without_tracebacks(tiny, capfd):
             client.predict("🙂" * 100, "Greedy", 1.0, 50, 0.9, 8, 0, api_name="/generate")
         with pytest.raises(AppError, match="Each method can be compared once"):
             client.predict("Hi", ["Greedy"] * 2000, 1.0, 50, 0.9, 8, 0, api_name="/compare")
+        # Values the page's widgets would never send: refused by the demo's own checks, not Gradio's (which
+        # print a traceback for each).
+        with pytest.raises(AppError, match="repetition penalty must be a number between 0.5 and 3, got 1e-308"):
+            client.predict("Hi", "Greedy", 1.0, 50, 0.9, 8, 0, 1e-308, 0, 0.0, 0.0, 0.6, api_name="/generate")
+        with pytest.raises(AppError, match="max new tokens must be a whole number between 1 and 256"):
+            client.predict("Hi", "Greedy", 1.0, 50, 0.9, 1e9, 0, api_name="/generate")
+        with pytest.raises(AppError, match="Unknown method '<script><script><script><script><script>': choose"):
+            client.predict("Hi", "<script>" * 1000, 1.0, 50, 0.9, 8, 0, api_name="/generate")
+        with pytest.raises(AppError, match="draft length must be a whole number between 1 and 16"):
+            client.predict("Hi", "Greedy", 1.0, 50, 0.9, 8, 0, 1e9, api_name="/speculative")
+        with pytest.raises(AppError, match="seed must be a whole number between 0 and 2147483647, got"):
+            client.predict("Hi", "Greedy", 1.0, 50, 0.9, 8, 2**40, api_name="/generate")
         logged = capfd.readouterr()
         assert "Traceback" not in logged.err + logged.out
     finally:
@@ -529,8 +574,16 @@ def test_demo_with_its_port_in_use_says_so_only(tiny_model_dir):
     assert f"cannot serve on 127.0.0.1:{port}" in done.stderr
 
 
+def test_the_demo_command_takes_ascii_counts_only():
+    done = subprocess.run([sys.executable, str(DEMO), "--port", "٣"], capture_output=True, text=True, timeout=180,
+                          env=cli_env("unused"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "argument --port: '٣' is not a whole number in ASCII digits 0-9" in done.stderr
+
+
 def test_the_readme_states_the_limits_the_code_applies():
     from gpt2gen import demo
+    from gpt2gen.checks import REPETITION_PENALTY_LIMITS
     from gpt2gen.sampling import MIN_TEMPERATURE
 
     section = (ROOT / "README.md").read_text().split("## Under faults", 1)[1].split("\n## ", 1)[0]
@@ -538,6 +591,155 @@ def test_the_readme_states_the_limits_the_code_applies():
                    "0 to 2³²−1", f"at least {MIN_TEMPERATURE:g}", f"{demo.MAX_PROMPT_CHARS:,} characters",
                    f"{demo.MAX_NEW_TOKENS}; {demo.TEMPERATURE_RANGE[0]:g} to {demo.TEMPERATURE_RANGE[1]:g}; "
                    f"{demo.TOP_K_RANGE[0]} to {demo.TOP_K_RANGE[1]}", "at most once",
-                   f"{loading.HUB_PROBE_MEMORY_S:g} seconds"):
+                   f"{loading.HUB_PROBE_MEMORY_S:g} seconds", f"{demo.MAX_QUEUE} waiting requests",
+                   f"| `--repetition_penalty` | {REPETITION_PENALTY_LIMITS[0]:g} to "
+                   f"{REPETITION_PENALTY_LIMITS[1]:g}:"):
         assert stated in section, stated
     assert cli.MAX_SEED == 2**32 - 1
+
+
+# --- no traceback from any value; refused before torch and transformers load ---------------------
+
+# Each of these is refused in one line; shells pass bytes that are not UTF-8 as lone surrogates.
+REFUSED_AT_ONCE = [
+    (("--prompt", "\udcff\udcfe abc"), "--prompt holds bytes that are not UTF-8 text (from character 1 on)"),
+    (("--prompt", "ok \udced\udca0\udc80 end"), "--prompt holds bytes that are not UTF-8 text (from character 4 on)"),
+    (("--repetition_penalty", "1e-308"), "--repetition_penalty must be between 0.01 and 100"),
+    (("--repetition_penalty", "5e-324"), "--repetition_penalty must be between 0.01 and 100"),
+    (("--repetition_penalty", "-inf"), "--repetition_penalty must be between 0.01 and 100 (1 turns it off, > 1 "
+                                       "discourages repeats; beyond these the scaled logits overflow), got -inf"),
+    (("--temperature", "-1e-3"), "--temperature must be a finite number >= 0 (0 means greedy), got -0.001"),
+    (("--num_samples", "٣"), "argument --num_samples: '٣' is not a whole number in ASCII digits 0-9"),
+    (("--seed", "١"), "argument --seed: '١' is not a whole number in ASCII digits 0-9"),
+    (("--top_k", "٣"), "argument --top_k: '٣' is not a whole number in ASCII digits 0-9"),
+    (("--num_samples", "1_0"), "argument --num_samples: '1_0' is not a whole number in ASCII digits 0-9"),
+    (("--no_repeat_ngram_size", "1" + "0" * 30), "--no_repeat_ngram_size must be a whole number >= 0 and below 2**63"),
+    (("--num_samples", "9" * 101), "argument --num_samples: '9999999999999999999999999999999999999999' is not a whole"),
+    (("--top_p", "٠.٥"), "argument --top_p: '٠.٥' is not a number written like 0.7 or 1e-3 in ASCII"),
+    (("--prompt_lookup_num_tokens", "3", "--penalty_alpha", "0.6", "--top_k", "4"),
+     "--prompt_lookup_num_tokens (speculative decoding) does not take --penalty_alpha (contrastive search)"),
+    (("--num_assistant_tokens", "7"), "--num_assistant_tokens sets how many tokens a draft model proposes: add "
+                                      "--assistant_model or --assistant_early_exit"),
+    (("--prompt_lookup_num_tokens", "3", "--num_assistant_tokens", "7"), "add --assistant_model"),
+    (("--regex", "a{2,1}"), "--regex: 'a{2,1}' is not a valid regular expression: min repeat greater than max"),
+    (("--seed", "-1"), "--seed must be between 0 and 4294967295, got -1"),
+    (("--devices", "x"), "--devices 'x' is not valid"),
+    (("--output_json", "/no/such/folder/r.json"), "the directory '/no/such/folder' does not exist"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), REFUSED_AT_ONCE, ids=[" ".join(a)[:40] for a, _ in REFUSED_AT_ONCE])
+def test_bad_values_are_one_line_before_torch_loads(args, message):
+    """The refusal comes from parsing and checking alone: torch and transformers are never imported."""
+    probe = ("import sys\nfrom gpt2gen import cli\ntry:\n    status = cli.main(sys.argv[1:])\n"
+             "except SystemExit as exc:  # argparse's refusals\n    status = exc.code\n"
+             "sys.exit(90 if {'torch', 'transformers'} & set(sys.modules) else status)\n")
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120,
+                          env=cli_env("unused"))
+    one_error_line(done, 2, message)
+    assert done.stdout == ""
+
+
+def test_every_numeric_option_states_its_range_in_help():
+    numeric = [a for a in cli.build_parser()._actions if a.type in (cli.whole_number, cli.real_number)]
+    assert len(numeric) >= 14
+    ranged = re.compile(r"\d to \d|\d to its|\[-?\d, -?\d\]|>= ?\d|at least \d|above the prompt")
+    for action in numeric:
+        assert ranged.search(action.help), f"{action.option_strings[0]}: {action.help}"
+
+
+def test_a_regex_anchor_is_explained():
+    from gpt2gen.automaton import regex_automaton
+
+    with pytest.raises(ValueError, match=r"the anchor \$ is not supported, nor needed: the whole text must match; "
+                                         "drop it"):
+        regex_automaton("$")
+
+
+def test_the_repetition_penalty_limits_keep_half_precision_logits_finite():
+    """At both ends of the stated range, float16 logits as large as GPT-2's stay finite; just past them, refused."""
+    from gpt2gen.checks import REPETITION_PENALTY_LIMITS
+    from gpt2gen.penalties import apply_repetition_penalty
+    from gpt2gen.sampling import SamplingParams
+
+    logits = torch.tensor([[-300.0, -1.0, 1.0, 300.0]], dtype=torch.float16)
+    ids = torch.tensor([[0, 1, 2, 3]])
+    for penalty in REPETITION_PENALTY_LIMITS:
+        assert torch.isfinite(apply_repetition_penalty(ids, logits, penalty)).all()
+    for penalty in (1e-308, REPETITION_PENALTY_LIMITS[0] / 2, REPETITION_PENALTY_LIMITS[1] * 2, float("inf")):
+        with pytest.raises(ValueError, match="repetition_penalty must be between"):
+            SamplingParams(repetition_penalty=penalty)
+
+
+def test_ctrl_c_while_the_libraries_load_names_the_unwritten_file(tiny_model_dir, tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--output_json", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(tiny_model_dir), preexec_fn=ctrl_c_enabled)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:  # until torch's library is being loaded
+        if any("torch" in m.path for m in psutil.Process(proc.pid).memory_maps()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt")
+    assert proc.returncode == 130 and b"Traceback" not in stderr
+    assert stderr.decode().strip().splitlines()[-1] == (f"{SCRIPT.name}: interrupted; {str(out)!r} was not written "
+                                                        "(an earlier file there is unchanged)")
+
+
+@pytest.mark.parametrize("args", [(), ("--prompt", "Hi"), ("--stream",), ("--penalty_alpha", "0.6", "--top_k", "4"),
+                                  ("--prompt_lookup_num_tokens", "3",)], ids=lambda a: " ".join(a) or "no prompt")
+def test_a_run_prints_no_attention_mask_warning(tiny_model_dir, args):
+    """Without a prompt the input is GPT-2's EOS, which is also its padding token: transformers warned each run."""
+    done = run_cli("--num_samples", "2", "--max_length", "10", *args, model=tiny_model_dir)
+    assert done.returncode == 0, done.stderr
+    assert "attention_mask" not in done.stderr and "You may ignore" not in done.stderr, done.stderr
+
+
+# --- draft models that do not fit the model ----------------------------------------------------
+
+def draft_gpt2(**config) -> GPT2LMHeadModel:
+    torch.manual_seed(1)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, **config)).eval()
+
+
+@pytest.mark.parametrize("vocab_size", [50_304, 50_000])
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_a_draft_model_with_another_vocabulary_size_is_refused(tiny, vocab_size, temperature):
+    from gpt2gen.drafters import ModelDrafter
+    from gpt2gen.sampling import SamplingParams
+    from gpt2gen.speculative import speculative_generate
+
+    drafter = ModelDrafter(draft_gpt2(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0), 4)
+    with pytest.raises(ValueError, match=f"the draft model scores {vocab_size:,} token ids and the model 50,257"):
+        speculative_generate(tiny.model, tiny.tokenizer, "a b a b", drafter, SamplingParams(temperature=temperature), 20)
+
+
+def test_the_cli_refuses_a_draft_model_with_a_padded_vocabulary(tiny_model_dir, tmp_path, tokenizer):
+    folder = tmp_path / "padded"
+    draft_gpt2(vocab_size=50_304).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    done = run_cli("--assistant_model", str(folder), "--max_length", "20", model=tiny_model_dir)
+    one_error_line(done, 2, f"--assistant_model {folder}: the draft model scores 50,304 token ids and the model 50,257")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_a_draft_model_with_a_shorter_context_drafts_only_within_it(tiny, temperature):
+    """A 16-position drafter helps while the text fits its context, then drafts nothing; greedy text is unchanged."""
+    from gpt2gen.drafters import ModelDrafter
+    from gpt2gen.generation import generate
+    from gpt2gen.sampling import SamplingParams
+    from gpt2gen.speculative import speculative_generate
+
+    params = SamplingParams(temperature=temperature)
+    result = speculative_generate(tiny.model, tiny.tokenizer, "a b a b a b", ModelDrafter(draft_gpt2(n_positions=16), 5),
+                                  params, 34, seed=0, stop_at_eos=False)
+    assert len(result.new_tokens) == 34 and result.drafted > 0
+    length = len(tiny.tokenizer("a b a b a b").input_ids)
+    for block in result.blocks:
+        assert len(block.drafted) <= max(0, 16 - length + 1)  # the last drafted token needs no position
+        length += len(block.tokens)
+    if temperature == 0:
+        assert result.text == generate(tiny.model, tiny.tokenizer, ["a b a b a b"], params, 34, stop_at_eos=False).texts[0]

@@ -29,6 +29,8 @@ import interegular
 import numpy as np
 from interegular.fsm import anything_else
 
+from .checks import check_regex_syntax
+
 DEAD = -1
 
 
@@ -98,12 +100,18 @@ def _code_point_range(prefix: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _char_fsm(pattern: str) -> interegular.FSM:
+    check_regex_syntax(pattern)
     try:
         return interegular.parse_pattern(pattern).to_fsm()
     except Exception as exc:  # interegular raises several exception types for unsupported syntax
+        detail = str(exc).strip("'\". ")
+        if detail in ("^", "$"):  # interegular's whole message is the character
+            reason = f"the anchor {detail} is not supported, nor needed: the whole text must match; drop it"
+        else:
+            reason = f"{detail or type(exc).__name__} is not supported"
         raise ValueError(
-            f"cannot turn the regular expression {pattern!r} into an automaton: {str(exc).rstrip('.')}. Use Python `re` "
-            "syntax without look-arounds or back-references (they are not regular)."
+            f"cannot turn the regular expression {pattern!r} into an automaton: {reason}. Use Python `re` "
+            "syntax without anchors, look-arounds or back-references."
         ) from exc
 
 

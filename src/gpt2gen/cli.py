@@ -15,11 +15,25 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .checks import (
+    MIN_TEMPERATURE,
+    REPETITION_PENALTY_LIMITS,
+    check_no_repeat_ngram_size,
+    check_penalty_alpha,
+    check_presence_or_frequency,
+    check_probability,
+    check_regex_syntax,
+    check_repetition_penalty,
+    check_temperature,
+    check_text,
+    check_top_k,
+)
 from .files import check_writable, write_json_atomic
 
 if TYPE_CHECKING:
@@ -33,6 +47,7 @@ MAX_SAMPLES = 10_000  # more texts than anyone reads; each run keeps all of them
 MAX_SEED = 2**32 - 1
 CHUNK_TOKENS = 16_384  # samples run in batches of at most this many tokens (and 64 rows): bounded memory
 MAX_CHUNK_ROWS = 64
+NUM_ASSISTANT_TOKENS = 5  # tokens a draft model proposes per step unless --num_assistant_tokens says otherwise
 
 
 class UsageError(ValueError):
@@ -40,13 +55,39 @@ class UsageError(ValueError):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse reads only '-1' and '-.5' as negative numbers; '-inf' and '-1e-3' would be taken
+        # for options ("expected one argument"). They are values, refused or accepted by the range checks.
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
     def error(self, message: str) -> NoReturn:
         # One clear line instead of argparse's usage block.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see --help)\n")
+
+
+_NEGATIVE_NUMBER = re.compile(r"-(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|-(?:inf|infinity|nan)", re.IGNORECASE)
+_WHOLE = re.compile(r"-?[0-9]{1,100}")
+_REAL = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE)
+
+
+def whole_number(text: str) -> int:
+    """An option's whole number: ASCII digits only (int() also reads '١', '٣' and '1_0'); the range is checked later."""
+    if not _WHOLE.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number in ASCII digits 0-9")
+    return int(text)
+
+
+def real_number(text: str) -> float:
+    """An option's number: decimal ASCII notation like 0.7, 1e-3 or -inf (float() also reads '٣' and '1_0')."""
+    if not _REAL.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number written like 0.7 or 1e-3 in ASCII")
+    return float(text)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from .loading import DEFAULT_MODEL, MODEL_ENV_VAR
+    """The command line's options (parsing imports neither torch nor transformers)."""
+    from .embedded import DEFAULT_MODEL, MODEL_ENV_VAR
 
     parser = _Parser(
         prog=prog,
@@ -62,10 +103,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model_name", default=None,
                         help=f"Hugging Face model id or local folder (default: ${MODEL_ENV_VAR}, else {DEFAULT_MODEL})")
-    parser.add_argument("--num_samples", type=int, default=4,
+    parser.add_argument("--num_samples", type=whole_number, default=4,
                         help=f"number of text samples to generate, 1 to {MAX_SAMPLES:,} (default: 4)")
-    parser.add_argument("--max_length", type=int, default=50,
-                        help="maximum length of the generated sequences in tokens, prompt included (default: 50)")
+    parser.add_argument("--max_length", type=whole_number, default=50,
+                        help="maximum length of the generated sequences in tokens, prompt included: above the prompt's length, "
+                             "at most the model's context (GPT-2: 1,024) (default: 50)")
     parser.add_argument("--use_nucleus", action="store_true", help="enable nucleus sampling: sweep top-p over [0, 1] (default: off)")
     parser.add_argument("--use_temperature", action="store_true",
                         help="enable temperature sampling: sweep the temperature from 0.0 (greedy) up to 1.2 (default: off)")
@@ -77,13 +119,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--output_json", default=None,
                         help="path to save the results as JSON, written atomically once all samples are done; only a "
                              "regular file is replaced (a link to one replaces its target) (default: none)")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="temperature of every sample when --use_temperature is off: 0 (greedy) or at least 0.01 "
-                             "(default 1.0)")
-    parser.add_argument("--top_k", type=int, default=0, help="keep only the k most probable tokens (default: 0 = off)")
-    parser.add_argument("--top_p", type=float, default=None,
-                        help="top-p of every sample when --use_nucleus is off (default 1.0 = off)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--temperature", type=real_number, default=None,
+                        help=f"temperature of every sample when --use_temperature is off: 0 (greedy) or a finite number of at "
+                             f"least {MIN_TEMPERATURE:g} (default 1.0)")
+    parser.add_argument("--top_k", type=whole_number, default=0, help="keep only the k most probable tokens, k >= 0 (default: 0 = off)")
+    parser.add_argument("--top_p", type=real_number, default=None,
+                        help="top-p of every sample when --use_nucleus is off, in [0, 1] (default 1.0 = off)")
+    parser.add_argument("--seed", type=whole_number, default=None,
                         help=f"random seed, 0 to {MAX_SEED}: the same seed and the same options give the same texts "
                              "(--stream, --num_samples and the number of processes are options too: they change how "
                              "samples are batched, and so which random numbers each sample draws) "
@@ -92,23 +134,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="print tokens as they are generated (samples then run one after another, sample i with "
                              "seed + i)")
     remedies = parser.add_argument_group("repetition remedies (notebook 06; default: off)")
-    remedies.add_argument("--repetition_penalty", type=float, default=None,
+    remedies.add_argument("--repetition_penalty", type=real_number, default=None,
                           help="CTRL penalty on every token already in the text, prompt included, as transformers "
-                               "applies it: > 1 discourages repeats (1.2 is common; 1 = off)")
-    remedies.add_argument("--no_repeat_ngram_size", type=int, default=None,
-                          help="never repeat an n-gram of this many tokens, prompt included (0 = off)")
-    remedies.add_argument("--presence_penalty", type=float, default=None,
+                               f"applies it, from {REPETITION_PENALTY_LIMITS[0]:g} to {REPETITION_PENALTY_LIMITS[1]:g}: > 1 "
+                               "discourages repeats (1.2 is common; 1 = off)")
+    remedies.add_argument("--no_repeat_ngram_size", type=whole_number, default=None,
+                          help="never repeat an n-gram of this many tokens, prompt included, 0 to 2**63 - 1 (0 = off)")
+    remedies.add_argument("--presence_penalty", type=real_number, default=None,
                           help="subtract this from the logit of every token already generated (OpenAI convention: "
                                "the prompt does not count), in [-2, 2] (0 = off)")
-    remedies.add_argument("--frequency_penalty", type=float, default=None,
+    remedies.add_argument("--frequency_penalty", type=real_number, default=None,
                           help="subtract this per earlier occurrence in the generated text, in [-2, 2] (0 = off)")
-    remedies.add_argument("--penalty_alpha", type=float, default=None,
+    remedies.add_argument("--penalty_alpha", type=real_number, default=None,
                           help="contrastive search: weight in [0, 1] of the degeneration penalty, with --top_k "
                                "candidates per step (its paper: --penalty_alpha 0.6 --top_k 4); deterministic")
     structured = parser.add_mutually_exclusive_group()
     structured.add_argument("--regex", default=None,
                             help="constrained decoding: every sample's new text must match this regular expression "
-                                 "in full (Python re syntax, no look-arounds); runs on one device")
+                                 "in full (Python re syntax, no anchors or look-arounds); runs on one device")
     structured.add_argument("--json_schema", default=None, metavar="FILE",
                             help="constrained decoding: every sample's new text must be JSON valid under the JSON "
                                  "Schema in FILE; runs on one device")
@@ -116,16 +159,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "speculative decoding", "draft tokens cheaply, verify them in one pass of the model: the same text "
         "(greedy) or the same distribution (sampling), faster; samples run one after another, sample i with "
         "seed + i (notebook 07)")
-    speculative.add_argument("--prompt_lookup_num_tokens", type=int, default=None,
+    speculative.add_argument("--prompt_lookup_num_tokens", type=whole_number, default=None,
                              help="draft up to N tokens by finding the last tokens earlier in the prompt and text "
                                   "(prompt lookup, good when the output copies the input; the longest earlier "
-                                  "match, the draft shortened while guesses fail; default: off)")
+                                  "match, the draft shortened while guesses fail), N >= 1 (default: off)")
     speculative.add_argument("--assistant_model", default=None,
                              help="draft with this smaller model; it must share the model's tokenizer (default: off)")
-    speculative.add_argument("--assistant_early_exit", type=int, default=None,
-                             help="draft with the model's own first N layers (self-speculation; default: off)")
-    speculative.add_argument("--num_assistant_tokens", type=int, default=5,
-                             help="tokens drafted per step by --assistant_model or --assistant_early_exit (default: 5)")
+    speculative.add_argument("--assistant_early_exit", type=whole_number, default=None,
+                             help="draft with the model's own first N layers (self-speculation), 1 to its layer count - 1 "
+                                  "(default: off)")
+    speculative.add_argument("--num_assistant_tokens", type=whole_number, default=None,
+                             help="tokens drafted per step by --assistant_model or --assistant_early_exit, >= 1 "
+                                  f"(default: {NUM_ASSISTANT_TOKENS})")
     return parser
 
 
@@ -157,49 +202,59 @@ def _is_number(text: str) -> bool:
     return re.fullmatch(r"[0-9]{1,6}", text) is not None  # ASCII digits: str.isdigit() also accepts '²'
 
 
-def parse_devices(text: str, gpu_count: int | None = None, cores: int | None = None) -> DeviceRequest:
-    """Parse and check --devices against the GPUs (or, without one, the CPU cores) this machine has."""
-    if gpu_count is None:
-        import torch
-
-        gpu_count = torch.cuda.device_count()
-    gpus = gpu_count
+def read_devices(text: str) -> DeviceRequest:
+    """Parse --devices without asking the machine anything (so without importing torch)."""
     value = text.strip()
     if value == "auto":
-        return DeviceRequest("auto", count=max(gpus, 1))
+        return DeviceRequest("auto")
     if "," not in value:
         if not _is_number(value):
             raise UsageError(f"--devices {text!r} is not valid: use auto, a count like 2, or GPU ids like 0,1")
-        count = int(value)
-        if count < 1:
+        if int(value) < 1:
             raise UsageError(f"--devices {text!r}: a count must be at least 1 (for GPU 0 alone write --devices 0,)")
-        if gpus and count > gpus:
-            raise UsageError(f"--devices {count} asks for {count} GPUs but this machine has {gpus}")
-        cores = cpu_cores() if cores is None else cores
-        if not gpus and count > cores:
-            raise UsageError(f"--devices {count} asks for {count} CPU processes but this machine has {cores} CPU "
-                             f"core{'s' if cores != 1 else ''}: use at most --devices {cores}")
-        return DeviceRequest("count", count=count)
+        return DeviceRequest("count", count=int(value))
     parts = [p.strip() for p in value.split(",") if p.strip()]
     if not parts or not all(_is_number(p) for p in parts):
         raise UsageError(f"--devices {text!r} is not a list of GPU ids like 0,1")
     ids = tuple(int(p) for p in parts)
     if len(set(ids)) != len(ids):
         raise UsageError(f"--devices {text!r} names a GPU twice")
+    return DeviceRequest("ids", count=len(ids), ids=ids)
+
+
+def parse_devices(text: str, gpu_count: int | None = None, cores: int | None = None) -> DeviceRequest:
+    """Parse and check --devices against the GPUs (or, without one, the CPU cores) this machine has."""
+    request = read_devices(text)
+    if gpu_count is None:
+        import torch
+
+        gpu_count = torch.cuda.device_count()
+    gpus = gpu_count
+    if request.kind == "auto":
+        return DeviceRequest("auto", count=max(gpus, 1))
+    if request.kind == "count":
+        count = request.count
+        if gpus and count > gpus:
+            raise UsageError(f"--devices {count} asks for {count} GPUs but this machine has {gpus}")
+        cores = cpu_cores() if cores is None else cores
+        if not gpus and count > cores:
+            raise UsageError(f"--devices {count} asks for {count} CPU processes but this machine has {cores} CPU "
+                             f"core{'s' if cores != 1 else ''}: use at most --devices {cores}")
+        return request
     if gpus == 0:
         raise UsageError(f"--devices {text!r} names GPU ids but no GPU is available; use a count like 2 for CPU processes")
-    if missing := [i for i in ids if i >= gpus]:
+    if missing := [i for i in request.ids if i >= gpus]:
         raise UsageError(f"--devices {text!r}: GPU {missing[0]} does not exist (this machine has GPUs 0 to {gpus - 1})")
-    return DeviceRequest("ids", count=len(ids), ids=ids)
+    return request
 
 
 def validate(args: argparse.Namespace) -> Path | None:
     """Check every option value before anything is loaded or generated (`args` is left as it is).
 
+    Imports neither torch nor transformers, so a bad value is refused at once. What needs the model
+    (the prompt's length in tokens, its context, its layer count) is checked once it is loaded.
     Returns the file to write (`~` expanded, a link resolved to its target), or None without --output_json.
     """
-    from .sampling import check_probability, check_temperature, check_top_k
-
     if not 1 <= args.num_samples <= MAX_SAMPLES:
         raise UsageError(f"--num_samples must be between 1 and {MAX_SAMPLES:,}, got {args.num_samples}")
     if args.max_length < 1:
@@ -210,31 +265,28 @@ def validate(args: argparse.Namespace) -> Path | None:
         raise UsageError("--temperature and --use_temperature conflict: the sweep sets each sample's temperature")
     if args.use_nucleus and args.top_p is not None:
         raise UsageError("--top_p and --use_nucleus conflict: the sweep sets each sample's top-p")
+    read_devices(args.devices)
     try:
+        for name in ("prompt", "regex"):
+            if getattr(args, name) is not None:
+                check_text(name, getattr(args, name))
         check_temperature(_temperature(args))
         check_top_k(args.top_k)
         check_probability("top_p", _top_p(args), neutral=1.0)
         check_remedies(args)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from exc
+    if args.regex is not None:
+        try:
+            check_regex_syntax(args.regex)
+        except ValueError as exc:
+            raise UsageError(f"--regex: {exc}") from exc
     if args.json_schema is not None:
         read_schema(args.json_schema)
     if args.penalty_alpha and (args.regex is not None or args.json_schema is not None):
         raise UsageError("--penalty_alpha (contrastive search) does not take --regex or --json_schema: "
                          "constrain greedy decoding or sampling instead")
-    drafters = [o for o in ("prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit")
-                if getattr(args, o) is not None]
-    if len(drafters) > 1:
-        raise UsageError(f"--{drafters[0]} and --{drafters[1]} conflict: choose one way to draft tokens")
-    for option in ("prompt_lookup_num_tokens", "assistant_early_exit", "num_assistant_tokens"):
-        if (value := getattr(args, option)) is not None and value < 1:
-            raise UsageError(f"--{option} must be at least 1, got {value}")
-    if drafters and args.devices.strip() not in ("auto", "1"):
-        raise UsageError(f"--{drafters[0]} runs one sample at a time in one process: drop --devices {args.devices}")
-    if drafters and (any(getattr(args, name) is not None for name in REMEDIES)
-                     or args.regex is not None or args.json_schema is not None):
-        raise UsageError(f"--{drafters[0]} (speculative decoding) takes neither the repetition remedies nor "
-                         "--regex / --json_schema: it keeps the model's own distribution")
+    check_speculative(args)
     if args.output_json is None:
         return None
     try:
@@ -243,14 +295,43 @@ def validate(args: argparse.Namespace) -> Path | None:
         raise UsageError(f"--output_json: {exc}") from exc
 
 
+def check_speculative(args: argparse.Namespace) -> None:
+    """One way to draft tokens at most, on one device, with the model's own distribution."""
+    drafters = [o for o in ("prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit")
+                if getattr(args, o) is not None]
+    if len(drafters) > 1:
+        raise UsageError(f"--{drafters[0]} and --{drafters[1]} conflict: choose one way to draft tokens")
+    for option in ("prompt_lookup_num_tokens", "assistant_early_exit", "num_assistant_tokens"):
+        if (value := getattr(args, option)) is not None and value < 1:
+            raise UsageError(f"--{option} must be at least 1, got {value}")
+    if args.num_assistant_tokens is not None and not {"assistant_model", "assistant_early_exit"} & set(drafters):
+        raise UsageError("--num_assistant_tokens sets how many tokens a draft model proposes: add --assistant_model "
+                         "or --assistant_early_exit (prompt lookup takes its count as --prompt_lookup_num_tokens N)")
+    if not drafters:
+        return
+    if args.devices.strip() not in ("auto", "1"):
+        raise UsageError(f"--{drafters[0]} runs one sample at a time in one process: drop --devices {args.devices}")
+    changes = [f"--{name}" for name in REMEDIES if getattr(args, name) is not None]
+    changes += [f"--{name}" for name in ("regex", "json_schema") if getattr(args, name) is not None]
+    if changes:
+        what = "contrastive search" if changes[0] == "--penalty_alpha" else (
+            "a repetition remedy" if changes[0][2:] in REMEDIES else "constrained decoding")
+        raise UsageError(f"--{drafters[0]} (speculative decoding) does not take {changes[0]} ({what}): it keeps "
+                         "the model's own distribution, which that changes")
+
+
 def check_remedies(args: argparse.Namespace) -> None:
     """Check the repetition remedies; contrastive search needs candidates and does not sample."""
-    from .sampling import SamplingParams
-
-    SamplingParams(**{**remedy_settings(args), "penalty_alpha": 0.0})
+    if args.repetition_penalty is not None:
+        check_repetition_penalty(args.repetition_penalty)
+    if args.no_repeat_ngram_size is not None:
+        check_no_repeat_ngram_size(args.no_repeat_ngram_size)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(args, name) is not None:
+            check_presence_or_frequency(name, getattr(args, name))
     if args.penalty_alpha is None:
         return
-    SamplingParams(penalty_alpha=args.penalty_alpha, top_k=max(args.top_k, 1))
+    check_penalty_alpha(args.penalty_alpha)
     if args.penalty_alpha == 0:
         return
     if args.top_k < 1:
@@ -386,14 +467,14 @@ def header(index: int, total: int, setting: dict[str, float]) -> str:
 
 def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, dict] | None:
     """A maker of fresh drafters and its description, or None when no speculative option is set."""
-    from .drafters import ModelDrafter, SuffixLookup, early_exit_model
+    from .drafters import ModelDrafter, SuffixLookup, check_draft_model, early_exit_model
     from .loading import ModelLoadError, load_model
 
     if args.prompt_lookup_num_tokens is not None:
         n = args.prompt_lookup_num_tokens
         about = {"drafter": "prompt lookup (longest earlier match, adaptive draft length)", "num_draft_tokens": n}
         return (lambda: SuffixLookup(n)), about
-    n = args.num_assistant_tokens
+    n = args.num_assistant_tokens or NUM_ASSISTANT_TOKENS
     if args.assistant_early_exit is not None:
         try:
             model = early_exit_model(loaded.model, args.assistant_early_exit)
@@ -411,6 +492,10 @@ def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[
                 f"--assistant_model {args.assistant_model} has another tokenizer than {loaded.name}: "
                 "a draft model must share the model's tokenizer"
             )
+        try:
+            check_draft_model(loaded.model, assistant.model)
+        except ValueError as exc:
+            raise UsageError(f"--assistant_model {args.assistant_model}: {exc}") from exc
         about = {"drafter": f"assistant model {assistant.label}", "num_draft_tokens": n}
         return (lambda: ModelDrafter(assistant.model, n)), about
     return None
@@ -470,12 +555,19 @@ def generate_in_chunks(
 
 
 def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] | None:
-    """Load, generate, save and print; returns the result (None in the worker processes of a multi-device run).
+    """Check the options, then load, generate, save and print (see `generate_and_save`)."""
+    return generate_and_save(args, validate(args), out)
 
-    The file is written before the texts are printed, so nothing that happens to stdout can lose it.
+
+def generate_and_save(args: argparse.Namespace, target: Path | None, out: Output | None = None) -> dict[str, Any] | None:
+    """Load, generate, save to `target` (from `validate`) and print; returns the result (None in the
+    worker processes of a multi-device run).
+
+    The file is written before the texts are printed, so nothing that happens to stdout can lose it;
+    when the file cannot be written the texts are printed all the same (or, when stdout discards
+    them, saved in a fallback file) and the WriteError says where they are.
     """
     out = out or Output()
-    target = validate(args)
     request = parse_devices(args.devices)
     seed = choose_seed(args.seed)
     is_worker = _is_worker()
@@ -557,14 +649,7 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
         }
         for entry, c in zip(result["texts"], counts):
             entry["acceptance_rate"] = round(c["accepted"] / c["drafted"], 4) if c["drafted"] else 0.0
-    if target is not None:
-        try:
-            write_json_atomic(target, result)
-        except ValueError as exc:  # the path became a folder, a device or a missing folder during the run
-            raise WriteError(f"--output_json: {exc}; nothing was written") from exc
-        except OSError as exc:  # disk full, permission changed, ...
-            raise WriteError(f"cannot write {args.output_json!r}: {exc.strerror or exc}; "
-                             "an earlier file at that path is unchanged") from exc
+    failed = None if target is None else save(target, args.output_json, result)
     if not args.stream:
         out.write(f"model: {loaded.label}\n")
         for i, (setting, text) in enumerate(zip(settings, texts)):
@@ -574,9 +659,43 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
         cut = [str(i + 1) for i, ok in enumerate(complete) if not ok]
         print(f"gpt2gen: sample(s) {', '.join(cut)} were cut by --max_length before the text matched the "
               "constraint: they are INCOMPLETE (raise --max_length)", file=sys.stderr)
+    if failed is not None:
+        raise WriteError(f"{failed}; {keep_elsewhere(out, result)}")
     if target is not None:
         print(f"gpt2gen: wrote {printable(args.output_json)}", file=sys.stderr)
     return result
+
+
+def save(target: Path, given: str, result: dict[str, Any]) -> str | None:
+    """Write the results to `target`; None, or what went wrong as one line (`given` is the path as typed)."""
+    try:
+        write_json_atomic(target, result)
+    except ValueError as exc:  # the path became a folder, a device or a missing folder during the run
+        return f"--output_json: {exc}; nothing was written"
+    except OSError as exc:  # disk full, permission changed, ...
+        return f"cannot write {given!r}: {exc.strerror or exc}; an earlier file at that path is unchanged"
+    return None
+
+
+def keep_elsewhere(out: Output, result: dict[str, Any]) -> str:
+    """Where the texts are when --output_json could not be written: on stdout, else in a fallback file."""
+    count = len(result["texts"])
+    texts = f"the {count} text{'s' if count != 1 else ''}"
+    if not out.closed and not _discarded(sys.stdout):
+        return f"{texts} are on stdout above"
+    fallback = Path(tempfile.gettempdir()) / f"gpt2gen-unsaved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    failed = save(fallback, str(fallback), result)
+    if failed is None:
+        return f"stdout was not printing, so {texts} and their settings are saved in {str(fallback)!r} instead"
+    return f"stdout was not printing and the fallback file failed too ({failed}): {texts} are lost"
+
+
+def _discarded(stream) -> bool:
+    """Whether `stream` goes to /dev/null (how a user asks for no printing)."""
+    try:
+        return os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind it (a test's capture)
+        return False
 
 
 class WriteError(Exception):
@@ -616,8 +735,8 @@ class _QuitOnInterrupt:
     there is nothing to clean up yet, so exiting is right.
     """
 
-    def __init__(self, prog: str) -> None:
-        self.prog = prog
+    def __init__(self, prog: str, output_json: str | None) -> None:
+        self.line = interrupted(prog, output_json)
 
     def __enter__(self) -> None:
         self.previous = signal.signal(signal.SIGINT, self._quit)
@@ -627,7 +746,7 @@ class _QuitOnInterrupt:
 
     def _quit(self, signum, frame) -> None:
         if not _is_worker():
-            os.write(2, f"{self.prog}: interrupted\n".encode())
+            os.write(2, f"{self.line}\n".encode(errors="backslashreplace"))
         os._exit(130)
 
 
@@ -641,15 +760,15 @@ def main(argv: list[str] | None = None) -> int:
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "gpt2gen-generate"
     output_json = None
     try:
-        with _QuitOnInterrupt(prog):
+        args = build_parser(prog).parse_args(argv)  # argparse exits with status 2 and one line on a bad option
+        output_json = args.output_json
+        target = validate(args)  # before the imports: a bad value costs milliseconds, not seconds
+        with _QuitOnInterrupt(prog, args.output_json):
             from . import loading, samples  # noqa: F401  (torch and transformers: seconds)
 
-            parser = build_parser(prog)
-            args = parser.parse_args(argv)
             if args.devices.strip() not in ("auto", "1") and not args.stream:
                 from . import multidevice  # noqa: F401  (Lightning)
-        output_json = args.output_json
-        run(args)
+        generate_and_save(args, target)
     except UsageError as exc:
         print(f"{prog}: error: {printable(str(exc))}", file=sys.stderr)
         return 2
@@ -658,10 +777,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         if not worker:
-            kept = f"; {output_json!r} was not written (an earlier file there is unchanged)" if output_json else ""
-            print(f"{prog}: interrupted{printable(kept)}", file=sys.stderr)
+            print(interrupted(prog, output_json), file=sys.stderr)
         return 130
     return 0
+
+
+def interrupted(prog: str, output_json: str | None) -> str:
+    """The line printed after Ctrl-C: it names an --output_json that was not written."""
+    kept = f"; {output_json!r} was not written (an earlier file there is unchanged)" if output_json else ""
+    return printable(f"{prog}: interrupted{kept}")
 
 
 if __name__ == "__main__":

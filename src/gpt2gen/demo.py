@@ -38,6 +38,7 @@ REPETITION_PENALTY_RANGE = (0.5, 3.0)
 NGRAM_RANGE = (0, 10)
 CHART_TOKENS = 12
 STEP_TIMEOUT_S = 120  # longest wait for one token before the stream gives up
+MAX_QUEUE = 32  # requests waiting for a free generation slot; more are refused at once
 
 
 class DemoInputError(ValueError):
@@ -94,14 +95,20 @@ class Request:
 
 
 def _number(name: str, value, low: float, high: float, whole: bool = False) -> float:
+    kind = "a whole number" if whole else "a number"
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise DemoInputError(f"{name} must be a number between {low:g} and {high:g}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise DemoInputError(f"{name} must be {kind} between {_plain(low)} and {_plain(high)}, "
+                             f"got {str(value)[:40]!r}") from None
     if math.isnan(number) or not low <= number <= high or (whole and number != int(number)):
-        kind = "a whole number" if whole else "a number"
-        raise DemoInputError(f"{name} must be {kind} between {low:g} and {high:g}, got {value!r}")
+        raise DemoInputError(f"{name} must be {kind} between {_plain(low)} and {_plain(high)}, got {value!r}")
     return number
+
+
+def _plain(number: float) -> str:
+    """A limit as people write it: 2147483647, not 2.14748e+09; 0.05, not 0.050000."""
+    return str(int(number)) if number == int(number) else f"{number:g}"
 
 
 def make_request(prompt, method, temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=60, seed=None,
@@ -113,7 +120,7 @@ def make_request(prompt, method, temperature=1.0, top_k=50, top_p=0.9, max_new_t
     if len(prompt) > MAX_PROMPT_CHARS:
         raise DemoInputError(f"The prompt is {len(prompt)} characters long; the demo accepts up to {MAX_PROMPT_CHARS}.")
     if method not in METHODS:
-        raise DemoInputError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+        raise DemoInputError(f"Unknown method {str(method)[:40]!r}: choose one of {', '.join(METHODS)}.")
     if seed in (None, ""):
         seed_value = None
     else:
@@ -443,7 +450,9 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
             method.change(_visibility, method, [temperature, top_k, top_p, seed, penalty_alpha], queue=False)
             inputs = [prompt, method, temperature, top_k, top_p, max_new_tokens, seed, *remedies, penalty_alpha]
             started = generate_button.click(stop_session, None, None, queue=False, trigger_mode="multiple")
-            started.then(run_stream, inputs, [output, chart, status], api_name="generate")
+            # preprocess=False: the handlers' own checks are the only ones, so a refused value is a message
+            # in the page and never a traceback in the server log (Gradio's checks print one).
+            started.then(run_stream, inputs, [output, chart, status], api_name="generate", preprocess=False)
             # Stop sets the session's stop event: the stream ends after the current token and reports it.
             stop_button.click(stop_session, None, None, queue=False)
         with gr.Tab("Compare"):
@@ -463,7 +472,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                 with gr.Column(scale=3):
                     table = gr.Dataframe(label=f"Side by side ({loaded.label})", wrap=True)
             compare_button.click(run_compare, [c_prompt, c_methods, c_temperature, c_top_k, c_top_p, c_max, c_seed,
-                                               *c_remedies, c_alpha], table, api_name="compare")
+                                               *c_remedies, c_alpha], table, api_name="compare", preprocess=False)
         with gr.Tab("Structured output"):
             with gr.Row():
                 with gr.Column(scale=2):
@@ -480,7 +489,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                 with gr.Column(scale=3):
                     s_table = gr.Dataframe(label=f"Every complete sample matches ({loaded.label})", wrap=True)
             structured_button.click(run_structured, [s_prompt, s_kind, s_spec, s_method, s_temperature, s_top_p, s_max,
-                                                     s_seed], s_table, api_name="structured")
+                                                     s_seed], s_table, api_name="structured", preprocess=False)
         with gr.Tab("Speculative"):
             gr.Markdown("Prompt lookup guesses the next tokens from text that came before and the model checks "
                         f"them all in one pass: <span style='{ACCEPTED_STYLE}'>accepted guesses</span>, the model's "
@@ -504,7 +513,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                     p_status = gr.Markdown()
             speculative_button.click(
                 run_speculative, [p_prompt, p_method, p_temperature, p_top_k, p_top_p, p_max, p_seed, p_draft],
-                [p_output, p_status], api_name="speculative",
+                [p_output, p_status], api_name="speculative", preprocess=False,
             )
     return app
 
@@ -513,10 +522,15 @@ CSS = "#chart, #chart svg { overflow: visible !important; } #chart { margin-bott
 
 
 def launch(loaded: LoadedModel | None = None, host: str = "127.0.0.1", port: int | None = None,
-           prevent_thread_lock: bool = False, concurrency: int = 2) -> gr.Blocks:
-    """Serve the app on loopback (sharing off) with a request queue; returns it (call `.close()` to stop)."""
+           prevent_thread_lock: bool = False, concurrency: int = 2, max_queue: int = MAX_QUEUE) -> gr.Blocks:
+    """Serve the app on loopback (sharing off); returns it (call `.close()` to stop).
+
+    At most `concurrency` generations run at once; up to `max_queue` more requests wait, and a
+    request beyond them is refused at once ("queue is full"), so memory stays bounded by the model
+    and `concurrency` generations whatever the number of users.
+    """
     app = build_app(loaded or get_model())
-    app.queue(default_concurrency_limit=concurrency, max_size=32)
+    app.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
                prevent_thread_lock=prevent_thread_lock, quiet=True, css=CSS)
     return app
@@ -527,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from .cli import whole_number
     from .loading import ModelLoadError
 
     parser = argparse.ArgumentParser(
@@ -536,18 +551,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to your network)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--port", type=whole_number, default=7860, help="port, 1 to 65535 (default: 7860)")
     parser.add_argument("--model_name", default=None, help="Hub id or local folder (default: $GPT2GEN_MODEL, else gpt2)")
-    parser.add_argument("--concurrency", type=int, default=2, help="generations served at once (default: 2)")
+    parser.add_argument("--concurrency", type=whole_number, default=2,
+                        help="generations served at once, at least 1 (default: 2)")
+    parser.add_argument("--max_queue", type=whole_number, default=MAX_QUEUE,
+                        help=f"requests that may wait for a free slot, at least 1; more are refused (default: {MAX_QUEUE})")
     args = parser.parse_args(argv)
-    if not 1 <= args.port <= 65535 or args.concurrency < 1:
-        parser.exit(2, f"{parser.prog}: error: --port must be 1-65535 and --concurrency at least 1\n")
+    if not 1 <= args.port <= 65535 or args.concurrency < 1 or args.max_queue < 1:
+        parser.exit(2, f"{parser.prog}: error: --port must be 1-65535, --concurrency and --max_queue at least 1\n")
     try:
         loaded = get_model(args.model_name)
     except ModelLoadError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     try:
-        app = launch(loaded, host=args.host, port=args.port, prevent_thread_lock=True, concurrency=args.concurrency)
+        app = launch(loaded, host=args.host, port=args.port, prevent_thread_lock=True, concurrency=args.concurrency,
+                     max_queue=args.max_queue)
     except OSError as exc:
         parser.exit(2, f"{parser.prog}: error: cannot serve on {args.host}:{args.port}: {_first_line(exc)} "
                        "(try another --port)\n")

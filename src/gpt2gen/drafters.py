@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from .loading import context_length
 from .sampling import SamplingParams, process_logits
 
 
@@ -191,7 +192,9 @@ class ModelDrafter:
     def draft(
         self, sequence: torch.Tensor, count: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Draft:
-        count = min(count, self.num_tokens)
+        # The last drafted token is not fed: `count` tokens need len(sequence) + count - 1 positions.
+        room = context_length(self.model) - sequence.shape[0] + 1
+        count = min(count, self.num_tokens, room)
         if count < 1:
             return Draft(sequence.new_empty(0))
         greedy = params.all_greedy
@@ -216,6 +219,25 @@ class ModelDrafter:
 
     def update(self, drafted: int, accepted: int) -> None:
         pass  # a constant draft length, as transformers' default schedule
+
+
+def check_draft_model(model: PreTrainedModel, draft: PreTrainedModel) -> None:
+    """Raise ValueError unless `draft` scores exactly the token ids `model` scores.
+
+    A shared tokenizer is not enough: a vocabulary padded to 50,304 rows (or cut to 50,000) would
+    compare distributions of different lengths, or propose an id the model has no embedding for.
+    transformers refuses such an assistant too.
+    """
+    ours, theirs = vocabulary_size(model), vocabulary_size(draft)
+    if ours != theirs:
+        raise ValueError(f"the draft model scores {theirs:,} token ids and the model {ours:,}: a draft model needs "
+                         "the same vocabulary size as the model (the same tokenizer and the same output layer)")
+
+
+def vocabulary_size(model: PreTrainedModel) -> int:
+    """How many token ids the model's output layer scores."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def _layers_name(base: nn.Module) -> str:

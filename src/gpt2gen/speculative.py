@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .drafters import Draft, Drafter
+from .drafters import Draft, Drafter, ModelDrafter, check_draft_model
 from .generation import IncrementalDecoder, check_room, encode_prompts, make_generator
 from .loading import context_length
 from .sampling import SamplingParams, process_logits
@@ -137,6 +137,8 @@ def speculative_steps(
         raise ValueError(f"speculative decoding takes one sequence, shape [1, length]; got {tuple(input_ids.shape)}")
     limit = check_room(model, input_ids.shape[1], max_new_tokens)
     _check_single(params)
+    if isinstance(drafter, ModelDrafter):
+        check_draft_model(model, drafter.model)
     greedy = params.all_greedy
     budget = min(max_new_tokens, limit - input_ids.shape[1])
     sequence = input_ids[0]

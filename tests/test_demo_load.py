@@ -1,0 +1,89 @@
+"""The demo under several users at once (README, "Under faults": the demo under load), with the load script
+`benchmarks/demo_load.py` at a small scale: streamed tokens reach every client, the queue refuses what it
+cannot hold at once, memory stays bounded, and a client that leaves stops its generation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gpt2gen.demo import launch
+from gpt2gen.loading import load_model
+
+SPEC = importlib.util.spec_from_file_location("demo_load", Path(__file__).parents[1] / "benchmarks" / "demo_load.py")
+demo_load = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(demo_load)
+
+# The model is loaded once and each of the `concurrency` generations holds one KV cache and its
+# activations: a bound far below this for the tiny model, whatever the number of clients.
+GROWTH_BOUND_MIB = 200
+
+
+def test_three_streaming_clients_all_get_tokens_and_memory_stays_bounded(tiny_model_dir, tmp_path):
+    out = tmp_path / "load.json"
+    assert demo_load.main(["--model_name", str(tiny_model_dir), "--clients", "3", "--seconds", "6",
+                           "--max_new_tokens", "12", "--requests", "3", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert summary["errors"] == {} and result["server_tracebacks"] == 0
+    assert summary["clients_with_a_completed_request"] == 3
+    for records in result["clients"]:
+        for record in records:
+            assert record["tokens"] == 12 and 0 < record["ttft_s"] <= record["seconds"]
+            assert record["decode_tokens_per_s"] > 0
+    assert result["rss_mib"], "no memory sample"
+    assert summary["rss_warm_mib"] <= summary["rss_max_mib"]
+    assert summary["rss_max_mib"] - summary["rss_idle_mib"] < GROWTH_BOUND_MIB
+    assert result["machine"]["cpu"]
+
+
+def test_a_full_queue_refuses_at_once_and_the_rest_complete(slow_model_dir):
+    """One generation at a time, one request waiting: of four clients arriving together, some are refused."""
+    result = demo_load.run_load(str(slow_model_dir), clients=4, seconds=1, max_new_tokens=200, concurrency=1,
+                                max_queue=1, max_requests=1)
+    records = [r for records in result["clients"] for r in records]
+    refused = [r for r in records if r["error"] is not None]
+    assert len(records) == 4 and result["server_tracebacks"] == 0
+    assert refused and all("queue is full" in r["error"].lower() for r in refused), refused
+    assert all(r["seconds"] < 10 for r in refused)  # refused on arrival, not after waiting
+    assert all(r["error"].startswith("HTTP 503") for r in refused)
+    assert sum(r["tokens"] == 200 for r in records) == 4 - len(refused) >= 2
+
+
+def test_a_client_that_leaves_stops_its_generation(slow_model_dir):
+    loaded = load_model(str(slow_model_dir), device="cpu")
+    steps = []
+    hook = loaded.model.register_forward_hook(lambda *_: steps.append(time.monotonic()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = launch(loaded, port=port, prevent_thread_lock=True)
+    url = f"http://127.0.0.1:{port}/gradio_api/call/generate"
+    try:
+        with httpx.Client(timeout=60) as http:
+            data = ["Hi", "Greedy", 1.0, 50, 0.9, 256, 0, 1.0, 0, 0.0, 0.0, 0.6]
+            event_id = http.post(url, json={"data": data}).json()["event_id"]
+            with http.stream("GET", f"{url}/{event_id}") as response:
+                lines = (line for line in response.iter_lines() if line.startswith("data:"))
+                for _ in range(4):  # "Starting…", then three tokens
+                    next(lines)
+            # The client has left.
+            time.sleep(3)
+            after_leaving = len(steps)
+            time.sleep(2)
+        assert len(steps) == after_leaving < 200, f"{len(steps)} forward passes: generation went on"
+    finally:
+        hook.remove()
+        app.close()
+
+
+@pytest.mark.parametrize("bad", [["--clients", "0"], ["--seconds", "0"], ["--requests", "0"]])
+def test_the_load_script_bounds_its_loops(bad):
+    with pytest.raises(SystemExit):
+        demo_load.main(bad)

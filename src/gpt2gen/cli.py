@@ -572,8 +572,11 @@ def run(args: argparse.Namespace, out: Output | None = None) -> dict[str, Any] |
             out.write(text, end="\n\n")
     if complete is not None and not all(complete):
         cut = [str(i + 1) for i, ok in enumerate(complete) if not ok]
-        print(f"gpt2gen: sample(s) {', '.join(cut)} were cut by --max_length before the text matched the "
-              "constraint: they are INCOMPLETE (raise --max_length)", file=sys.stderr)
+        why = ("cut by --max_length, or left with no allowed token by --no_repeat_ngram_size, before the text "
+               "matched the constraint: they are INCOMPLETE (raise --max_length or lower --no_repeat_ngram_size)"
+               if args.no_repeat_ngram_size else
+               "cut by --max_length before the text matched the constraint: they are INCOMPLETE (raise --max_length)")
+        print(f"gpt2gen: sample(s) {', '.join(cut)} were {why}", file=sys.stderr)
     if target is not None:
         print(f"gpt2gen: wrote {printable(args.output_json)}", file=sys.stderr)
     return result

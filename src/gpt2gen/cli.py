@@ -217,8 +217,7 @@ def validate(args: argparse.Namespace) -> Path | None:
         check_remedies(args)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from exc
-    if args.json_schema is not None:
-        read_schema(args.json_schema)
+    check_constraint(args)
     if args.penalty_alpha and (args.regex is not None or args.json_schema is not None):
         raise UsageError("--penalty_alpha (contrastive search) does not take --regex or --json_schema: "
                          "constrain greedy decoding or sampling instead")
@@ -263,11 +262,27 @@ def check_remedies(args: argparse.Namespace) -> None:
 
 
 def read_schema(path: str) -> str:
-    """The text of the --json_schema file; a UsageError if it cannot be read."""
+    """The text of the --json_schema file (a regular file, within the size limit); a UsageError otherwise."""
+    from .schema_check import read_schema_file
+
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--json_schema: cannot read {path!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+        return read_schema_file(path)
+    except ValueError as exc:
+        raise UsageError(f"--json_schema: {exc}") from exc
+
+
+def check_constraint(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, a --regex or --json_schema that the automaton could not keep exactly."""
+    from .automaton import parse
+    from .constraints import json_schema_regex
+
+    try:
+        if args.regex is not None:
+            parse(args.regex)
+        elif args.json_schema is not None:
+            parse(json_schema_regex(read_schema(args.json_schema)))
+    except ValueError as exc:
+        raise UsageError(f"--{'regex' if args.regex is not None else 'json_schema'}: {exc}") from exc
 
 
 def build_constraint(args: argparse.Namespace, loaded: LoadedModel) -> Constraint | None:

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .automaton import UnsatisfiablePattern
+from .schema_check import check_schema, check_whitespace, parse_schema, read_schema_file
 from .token_index import TokenIndex, token_index
 
 __all__ = ["Constraint", "TokenMask", "UnsatisfiablePattern", "regex_constraint", "json_schema_constraint",
@@ -42,54 +43,22 @@ def regex_constraint(pattern: str, tokenizer: PreTrainedTokenizerBase) -> Constr
     return Constraint(pattern, token_index(pattern, tokenizer))
 
 
-# Keywords outlines-core 0.2.14's regex leaves out (checked: the regex is the same with or without
-# them), so a text matching it could break them: refused rather than silently unenforced.
-UNENFORCED_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-                       "uniqueItems", "contains", "minProperties", "maxProperties")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-
-
-def _unenforced(node, path: str = "") -> list[str]:
-    """The unenforced keywords used anywhere in a schema, with where (property names are not keywords)."""
-    found = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in UNENFORCED_KEYWORDS:
-                found.append(f"{key!r} at {path or 'the top'}")
-            elif key in _SCHEMA_MAPS and isinstance(value, dict):
-                for name, sub in value.items():
-                    found += _unenforced(sub, f"{path}/{key}/{name}")
-            elif isinstance(value, (dict, list)):
-                found += _unenforced(value, f"{path}/{key}")
-    elif isinstance(node, list):
-        for i, item in enumerate(node):
-            found += _unenforced(item, f"{path}/{i}")
-    return found
-
-
 def json_schema_regex(schema: dict | str, whitespace_pattern: str | None = None) -> str:
     """The regular expression of the JSON texts valid under `schema`, by `outlines-core`.
 
-    Whitespace between JSON tokens follows `whitespace_pattern` (outlines-core's default: at most
-    one space, so the model cannot pad forever). Keywords the regex cannot express (numeric bounds,
-    `uniqueItems`, ...) are refused with a ValueError rather than left unenforced.
+    The schema is checked first (`schema_check.py`): what the regex could not keep valid is refused
+    with one line. Whitespace between JSON tokens follows `whitespace_pattern` (outlines-core's
+    default: at most one space, so the model cannot pad forever).
     """
     from outlines_core.json_schema import build_regex_from_schema
 
-    text = schema if isinstance(schema, str) else json.dumps(schema)
+    parsed = parse_schema(schema) if isinstance(schema, str) else schema
+    check_schema(parsed)
+    check_whitespace(whitespace_pattern)
     try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the JSON Schema is not valid JSON: {exc}") from exc
-    if unenforced := _unenforced(parsed):
-        raise ValueError(
-            f"outlines-core's regular expression cannot enforce {', '.join(unenforced)}: remove these keywords "
-            "(or use an enum), or the output could break them"
-        )
-    try:
-        return build_regex_from_schema(text, whitespace_pattern)
-    except Exception as exc:  # outlines-core raises its own error types for unsupported schemas
-        raise ValueError(f"cannot turn this JSON Schema into a regular expression: {exc}") from exc
+        return build_regex_from_schema(json.dumps(parsed), whitespace_pattern)
+    except Exception as exc:  # outlines-core raises its own error types, over several lines
+        raise ValueError(f"cannot turn this JSON Schema into a regular expression: {str(exc).splitlines()[0]}") from exc
 
 
 def json_schema_constraint(
@@ -97,9 +66,9 @@ def json_schema_constraint(
 ) -> Constraint:
     """The generated text must be JSON valid under `schema` (a dict, a JSON string, or a file path)."""
     if isinstance(schema, Path):
-        schema = schema.read_text(encoding="utf-8")
-    pattern = json_schema_regex(schema, whitespace_pattern)
-    parsed = json.loads(schema) if isinstance(schema, str) else schema
+        schema = read_schema_file(schema)
+    parsed = parse_schema(schema) if isinstance(schema, str) else schema
+    pattern = json_schema_regex(parsed, whitespace_pattern)
     return Constraint(pattern, token_index(pattern, tokenizer), schema=parsed)
 
 

@@ -90,8 +90,9 @@ class ByteAutomaton:
 class Deadline:
     """Raises `PatternTooLarge` once `seconds` have passed since it was made."""
 
-    def __init__(self, what: str, seconds: float = MAX_BUILD_SECONDS):
-        self.what, self.seconds, self.end = what, seconds, time.monotonic() + seconds
+    def __init__(self, what: str, seconds: float | None = None):
+        self.what, self.seconds = what, MAX_BUILD_SECONDS if seconds is None else seconds
+        self.end = time.monotonic() + self.seconds
 
     def check(self) -> None:
         if time.monotonic() > self.end:

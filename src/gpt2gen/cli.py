@@ -108,10 +108,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     structured = parser.add_mutually_exclusive_group()
     structured.add_argument("--regex", default=None,
                             help="constrained decoding: every sample's new text must match this regular expression "
-                                 "in full (Python re syntax, no look-arounds); runs on one device")
+                                 "in full, as re.fullmatch reads it (look-arounds, \\b and (?i) are refused); runs "
+                                 "on one device")
     structured.add_argument("--json_schema", default=None, metavar="FILE",
                             help="constrained decoding: every sample's new text must be JSON valid under the JSON "
-                                 "Schema in FILE; runs on one device")
+                                 "Schema in FILE, with its properties in the schema's order, at most one space between "
+                                 "tokens and no extra properties (keywords it cannot enforce are refused); runs on "
+                                 "one device")
     speculative = parser.add_argument_group(
         "speculative decoding", "draft tokens cheaply, verify them in one pass of the model: the same text "
         "(greedy) or the same distribution (sampling), faster; samples run one after another, sample i with "

@@ -21,8 +21,9 @@ import sys
 import tempfile
 import unicodedata
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.token_bytes)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         digest = hashlib.sha256(str(self.eos_token_id).encode())
         for data in self.token_bytes:
@@ -322,17 +323,30 @@ def _load(path: Path, pattern: str) -> TokenIndex | None:
         return None  # missing or unreadable: rebuild
 
 
+RECENT_INDEXES = 4
+_recent: OrderedDict[tuple[str, str], TokenIndex] = OrderedDict()
+
+
 def token_index(pattern: str, tokenizer: PreTrainedTokenizerBase | Vocabulary, cache: bool = True) -> TokenIndex:
-    """The index of `pattern` for `tokenizer`, from the disk cache when it was built before."""
+    """The index of `pattern` for `tokenizer`: the same object as last time for the last few patterns (so
+    its device tables, `constraints.device_index`, are reused), else from the disk cache, else built."""
     vocabulary = tokenizer if isinstance(tokenizer, Vocabulary) else vocabulary_of(tokenizer)
     path = index_cache_path(pattern, vocabulary)
+    key = (pattern, str(path))
+    if cache and (index := _recent.get(key)) is not None:
+        _recent.move_to_end(key)
+        return index
     if cache and (index := _load(path, pattern)) is not None:
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: trimmed last
-        return index
-    index = build_token_index(regex_automaton(pattern), vocabulary)
+    else:
+        index = build_token_index(regex_automaton(pattern), vocabulary)
+        if cache:
+            _save(index, path)
+            trim_cache(path.parent)
     if cache:
-        _save(index, path)
-        trim_cache(path.parent)
+        _recent[key] = index
+        while len(_recent) > RECENT_INDEXES:
+            _recent.popitem(last=False)
     return index
 

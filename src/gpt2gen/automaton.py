@@ -338,6 +338,17 @@ class _Nfa:
         return end
 
 
+def _number(key, numbers: dict, todo: deque, too_many: str) -> int:
+    """The state number of `key`, given the next one (and queued) if new; PatternTooLarge past MAX_STATES."""
+    if key not in numbers:
+        if len(numbers) >= MAX_STATES:
+            raise PatternTooLarge(f"the regular expression {too_many} states (the limit): use fewer or shorter "
+                                  "repetitions")
+        numbers[key] = len(numbers)
+        todo.append(key)
+    return numbers[key]
+
+
 @dataclass(frozen=True)
 class CharAutomaton:
     """A DFA over code points: `moves[q]` lists (first, last, target) with disjoint ranges; state 0 is initial."""
@@ -387,15 +398,9 @@ def char_automaton(pattern: str, deadline: Deadline | None = None) -> CharAutoma
             by_targets.setdefault(frozenset(ts), []).append(atom)
         row = {}
         for ts, atoms in by_targets.items():
-            nxt = closure(ts)
-            if nxt not in number:
-                if len(number) >= MAX_STATES:
-                    raise PatternTooLarge(f"the regular expression {pattern[:40]!r} needs more than {MAX_STATES:,} "
-                                          "automaton states (the limit): use fewer or shorter repetitions")
-                number[nxt] = len(number)
-                todo.append(nxt)
+            target = _number(closure(ts), number, todo, f"{pattern[:40]!r} needs more than {MAX_STATES:,} automaton")
             for atom in atoms:
-                row[atom] = number[nxt]
+                row[atom] = target
         table.append(row)
     accepting = [final in subset for subset in sorted(number, key=number.get)]
 
@@ -497,13 +502,7 @@ def regex_automaton(pattern: str) -> ByteAutomaton:
             if target is None:
                 row.append(DEAD)
                 continue
-            if target not in numbers:
-                if len(numbers) >= MAX_STATES:
-                    raise PatternTooLarge(f"the regular expression {pattern[:40]!r} needs more than {MAX_STATES:,} "
-                                          "byte-automaton states (the limit): use fewer or shorter repetitions")
-                numbers[target] = len(numbers)
-                todo.append(target)
-            row.append(numbers[target])
+            row.append(_number(target, numbers, todo, f"{pattern[:40]!r} needs more than {MAX_STATES:,} byte-automaton"))
         rows.append(row)
     keys = sorted(numbers, key=numbers.get)
     accepting = np.array([isinstance(k, int) and chars.accepting[k] for k in keys], dtype=bool)

@@ -234,6 +234,7 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     blocked = torch.zeros_like(unfinished)
+    may_block = mask is not None or params.penalizes  # only n-gram blocking and a mask cut tokens before the warpers
     cache = DynamicCache() if cached else None
     sequence, next_input, next_positions = input_ids, input_ids, position_ids
     resolved = None
@@ -253,24 +254,24 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
         allowed = allowed_scores(logits, sequence, params, prompt_length, padding, mask)
-        # A row with nothing allowed draws from a harmless stand-in (its token is discarded), so that
-        # neither the argmax nor the draw sees a row of -inf; the other rows draw as before.
-        empty = torch.isneginf(allowed).all(dim=-1)
-        newly_blocked = empty & unfinished
-        allowed = allowed.masked_fill(empty[:, None], 0.0)
+        if may_block:
+            # A row with nothing allowed draws from a harmless stand-in (its token is discarded), so that
+            # neither the argmax nor the draw sees a row of -inf; the other rows draw as before.
+            empty = torch.isneginf(allowed).all(dim=-1)
+            allowed = allowed.masked_fill(empty[:, None], 0.0)
+            blocked |= empty & unfinished
+            unfinished &= ~empty
         if resolved is None:
             resolved = params.resolve(logits)  # once: later steps find the settings on the device
         tokens, scores = resolved.select(allowed, generator)
-        tokens = torch.where(unfinished & ~empty, tokens, pad_token_id)
+        tokens = torch.where(unfinished, tokens, pad_token_id)
         if mask is not None:
             mask.advance(tokens)
-        blocked |= newly_blocked
-        unfinished &= ~newly_blocked
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
         yield Step(tokens=tokens, logits=logits, scores=scores, finished=~unfinished, blocked=blocked.clone())
         # The one wait for the device in a step: without EOS or a cut there is nothing to wait for.
-        if (eos_token_id is not None or params.penalizes) and not bool(unfinished.any()):
+        if (eos_token_id is not None or may_block) and not bool(unfinished.any()):
             return
         sequence = torch.cat([sequence, tokens[:, None]], dim=-1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[:, None])], dim=-1)

@@ -23,7 +23,7 @@ from gpt2gen.sampling import SamplingParams
 PATTERNS = ["x{40}", "(ab){3,8}", "[0-9]{2,12}", "(yes|no)", " ?[a-z]{1,5}( [a-z]{1,5}){0,3}"]
 PROMPTS = ["x", "", "ab ab", "12"]
 BATCH = 3
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

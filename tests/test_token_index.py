@@ -13,6 +13,7 @@ from outlines_core import Vocabulary as OutlinesVocabulary
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
+from gpt2gen import token_index as token_index_module
 from gpt2gen.automaton import UnsatisfiablePattern, regex_automaton
 from gpt2gen.token_index import Vocabulary, build_token_index, token_index, vocabulary_of
 
@@ -166,7 +167,10 @@ def test_the_index_is_cached_on_disk(tokenizer, tmp_path, monkeypatch):
     built = token_index(r"[0-9]{3}", tokenizer)
     files = list((tmp_path / "token-index").glob("*.npz"))
     assert len(files) == 1 and not list((tmp_path / "token-index").glob(".*"))
+    token_index_module._recent.clear()  # the in-memory copy aside: read the file
     loaded = token_index(r"[0-9]{3}", tokenizer)
+    assert loaded is not built
     assert np.array_equal(loaded.tokens, built.tokens) and np.array_equal(loaded.next_states, built.next_states)
     files[0].write_bytes(b"broken")  # an unreadable file is rebuilt, not trusted
+    token_index_module._recent.clear()
     assert np.array_equal(token_index(r"[0-9]{3}", tokenizer).tokens, built.tokens)

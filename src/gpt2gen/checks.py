@@ -94,14 +94,6 @@ def check_penalty_alpha(value) -> None:
             raise ValueError(f"penalty_alpha must be in [0, 1] (0 turns contrastive search off; its paper uses 0.6), got {a:g}")
 
 
-def check_regex_syntax(pattern: str) -> None:
-    """Raise ValueError unless `pattern` is a valid Python regular expression."""
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
-
-
 def check_text(name: str, text: str) -> None:
     """Raise ValueError if `text` holds bytes that were not UTF-8 (which Python keeps as lone surrogates)."""
     if bad := re.search("[\ud800-\udfff]", text):

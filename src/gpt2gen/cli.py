@@ -28,7 +28,6 @@ from .checks import (
     check_penalty_alpha,
     check_presence_or_frequency,
     check_probability,
-    check_regex_syntax,
     check_repetition_penalty,
     check_temperature,
     check_text,
@@ -151,10 +150,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     structured = parser.add_mutually_exclusive_group()
     structured.add_argument("--regex", default=None,
                             help="constrained decoding: every sample's new text must match this regular expression "
-                                 "in full (Python re syntax, no anchors or look-arounds); runs on one device")
+                                 "in full, as re.fullmatch reads it (look-arounds, \\b and (?i) are refused); runs "
+                                 "on one device")
     structured.add_argument("--json_schema", default=None, metavar="FILE",
                             help="constrained decoding: every sample's new text must be JSON valid under the JSON "
-                                 "Schema in FILE; runs on one device")
+                                 "Schema in FILE, with its properties in the schema's order, at most one space between "
+                                 "tokens and no extra properties (keywords it cannot enforce are refused); runs on "
+                                 "one device")
     speculative = parser.add_argument_group(
         "speculative decoding", "draft tokens cheaply, verify them in one pass of the model: the same text "
         "(greedy) or the same distribution (sampling), faster; samples run one after another, sample i with "
@@ -276,13 +278,7 @@ def validate(args: argparse.Namespace) -> Path | None:
         check_remedies(args)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from exc
-    if args.regex is not None:
-        try:
-            check_regex_syntax(args.regex)
-        except ValueError as exc:
-            raise UsageError(f"--regex: {exc}") from exc
-    if args.json_schema is not None:
-        read_schema(args.json_schema)
+    check_constraint(args)
     if args.penalty_alpha and (args.regex is not None or args.json_schema is not None):
         raise UsageError("--penalty_alpha (contrastive search) does not take --regex or --json_schema: "
                          "constrain greedy decoding or sampling instead")
@@ -344,11 +340,27 @@ def check_remedies(args: argparse.Namespace) -> None:
 
 
 def read_schema(path: str) -> str:
-    """The text of the --json_schema file; a UsageError if it cannot be read."""
+    """The text of the --json_schema file (a regular file, within the size limit); a UsageError otherwise."""
+    from .schema_check import read_schema_file
+
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--json_schema: cannot read {path!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+        return read_schema_file(path)
+    except ValueError as exc:
+        raise UsageError(f"--json_schema: {exc}") from exc
+
+
+def check_constraint(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, a --regex or --json_schema that the automaton could not keep exactly."""
+    from .automaton import parse
+    from .schema_check import json_schema_regex  # torch-free, like every check before the model loads
+
+    try:
+        if args.regex is not None:
+            parse(args.regex)
+        elif args.json_schema is not None:
+            parse(json_schema_regex(read_schema(args.json_schema)))
+    except ValueError as exc:
+        raise UsageError(f"--{'regex' if args.regex is not None else 'json_schema'}: {exc}") from exc
 
 
 def build_constraint(args: argparse.Namespace, loaded: LoadedModel) -> Constraint | None:
@@ -657,8 +669,11 @@ def generate_and_save(args: argparse.Namespace, target: Path | None, out: Output
             out.write(text, end="\n\n")
     if complete is not None and not all(complete):
         cut = [str(i + 1) for i, ok in enumerate(complete) if not ok]
-        print(f"gpt2gen: sample(s) {', '.join(cut)} were cut by --max_length before the text matched the "
-              "constraint: they are INCOMPLETE (raise --max_length)", file=sys.stderr)
+        why = ("cut by --max_length, or left with no allowed token by --no_repeat_ngram_size, before the text "
+               "matched the constraint: they are INCOMPLETE (raise --max_length or lower --no_repeat_ngram_size)"
+               if args.no_repeat_ngram_size else
+               "cut by --max_length before the text matched the constraint: they are INCOMPLETE (raise --max_length)")
+        print(f"gpt2gen: sample(s) {', '.join(cut)} were {why}", file=sys.stderr)
     if failed is not None:
         raise WriteError(f"{failed}; {keep_elsewhere(out, result)}")
     if target is not None:

@@ -10,19 +10,21 @@ so one gather serves the whole batch and nothing waits on the host.
 
 from __future__ import annotations
 
-import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from .automaton import UnsatisfiablePattern
+from .schema_check import json_schema_regex, parse_schema, read_schema_file
 from .token_index import TokenIndex, token_index
 
-__all__ = ["Constraint", "TokenMask", "UnsatisfiablePattern", "regex_constraint", "json_schema_constraint",
-           "json_schema_regex"]
+__all__ = ["Constraint", "DeviceIndex", "TokenMask", "UnsatisfiablePattern", "device_index", "regex_constraint",
+           "json_schema_constraint", "json_schema_regex"]
 
 
 @dataclass(frozen=True)
@@ -42,122 +44,118 @@ def regex_constraint(pattern: str, tokenizer: PreTrainedTokenizerBase) -> Constr
     return Constraint(pattern, token_index(pattern, tokenizer))
 
 
-# Keywords outlines-core 0.2.14's regex leaves out (checked: the regex is the same with or without
-# them), so a text matching it could break them: refused rather than silently unenforced.
-UNENFORCED_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-                       "uniqueItems", "contains", "minProperties", "maxProperties")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-
-
-def _unenforced(node, path: str = "") -> list[str]:
-    """The unenforced keywords used anywhere in a schema, with where (property names are not keywords)."""
-    found = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in UNENFORCED_KEYWORDS:
-                found.append(f"{key!r} at {path or 'the top'}")
-            elif key in _SCHEMA_MAPS and isinstance(value, dict):
-                for name, sub in value.items():
-                    found += _unenforced(sub, f"{path}/{key}/{name}")
-            elif isinstance(value, (dict, list)):
-                found += _unenforced(value, f"{path}/{key}")
-    elif isinstance(node, list):
-        for i, item in enumerate(node):
-            found += _unenforced(item, f"{path}/{i}")
-    return found
-
-
-def json_schema_regex(schema: dict | str, whitespace_pattern: str | None = None) -> str:
-    """The regular expression of the JSON texts valid under `schema`, by `outlines-core`.
-
-    Whitespace between JSON tokens follows `whitespace_pattern` (outlines-core's default: at most
-    one space, so the model cannot pad forever). Keywords the regex cannot express (numeric bounds,
-    `uniqueItems`, ...) are refused with a ValueError rather than left unenforced.
-    """
-    from outlines_core.json_schema import build_regex_from_schema
-
-    text = schema if isinstance(schema, str) else json.dumps(schema)
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the JSON Schema is not valid JSON: {exc}") from exc
-    if unenforced := _unenforced(parsed):
-        raise ValueError(
-            f"outlines-core's regular expression cannot enforce {', '.join(unenforced)}: remove these keywords "
-            "(or use an enum), or the output could break them"
-        )
-    try:
-        return build_regex_from_schema(text, whitespace_pattern)
-    except Exception as exc:  # outlines-core raises its own error types for unsupported schemas
-        raise ValueError(f"cannot turn this JSON Schema into a regular expression: {exc}") from exc
-
-
 def json_schema_constraint(
     schema: dict | str | Path, tokenizer: PreTrainedTokenizerBase, whitespace_pattern: str | None = None
 ) -> Constraint:
     """The generated text must be JSON valid under `schema` (a dict, a JSON string, or a file path)."""
     if isinstance(schema, Path):
-        schema = schema.read_text(encoding="utf-8")
-    pattern = json_schema_regex(schema, whitespace_pattern)
-    parsed = json.loads(schema) if isinstance(schema, str) else schema
+        schema = read_schema_file(schema)
+    parsed = parse_schema(schema) if isinstance(schema, str) else schema
+    pattern = json_schema_regex(parsed, whitespace_pattern)
     return Constraint(pattern, token_index(pattern, tokenizer), schema=parsed)
+
+
+@dataclass(frozen=True)
+class DeviceIndex:
+    """One index's tables on one device, built once per (index, vocabulary size, device) and then shared.
+
+    The allowed sets are packed, one bit per token (`bits[state, t // 8] >> (t % 8) & 1`), as
+    XGrammar stores them: 808 states x 50,257 tokens take 5 MB instead of 40 MB of booleans. The
+    transitions are the sorted keys state * vocab + token with their next states.
+    """
+
+    bits: torch.Tensor  # [states, ceil(vocab / 8)] uint8
+    keys: torch.Tensor  # [pairs] int64, sorted
+    next_states: torch.Tensor  # [pairs] int64
+    accepting: torch.Tensor  # [states] bool
+
+
+PACK_CHUNK = 512  # states packed at a time: bounds the dense [chunk, vocab] working array
+_device_indexes: dict[tuple[int, int, str], tuple[weakref.ref, DeviceIndex]] = {}
+
+
+def device_index(index: TokenIndex, vocab_size: int, device: torch.device | str) -> DeviceIndex:
+    """The index's tables on `device`, from the cache while the index lives."""
+    key = (id(index), vocab_size, str(torch.device(device)))
+    if (known := _device_indexes.get(key)) is not None and known[0]() is index:
+        return known[1]
+    if index.vocab_size > vocab_size:
+        raise ValueError(f"the constraint's tokenizer has {index.vocab_size} tokens but the model's logits "
+                         f"only {vocab_size}: use the model's own tokenizer")
+    counts = index.offsets[1:] - index.offsets[:-1]
+    states = np.repeat(np.arange(index.num_states), counts)
+    bits = np.zeros((index.num_states, (vocab_size + 7) // 8), dtype=np.uint8)
+    for first in range(0, index.num_states, PACK_CHUNK):
+        lo, hi = index.offsets[first], index.offsets[min(first + PACK_CHUNK, index.num_states)]
+        dense = np.zeros((min(PACK_CHUNK, index.num_states - first), bits.shape[1] * 8), dtype=bool)
+        dense[states[lo:hi] - first, index.tokens[lo:hi]] = True
+        bits[first : first + len(dense)] = np.packbits(dense, axis=1, bitorder="little")
+    table = DeviceIndex(
+        bits=torch.from_numpy(bits).to(device),
+        keys=(torch.from_numpy(states) * vocab_size + torch.from_numpy(index.tokens).long()).to(device),
+        next_states=torch.from_numpy(index.next_states).long().to(device),
+        accepting=torch.from_numpy(index.accepting).to(device),
+    )
+    _device_indexes[key] = (weakref.ref(index, lambda _: _device_indexes.pop(key, None)), table)
+    return table
 
 
 class TokenMask:
     """Per-row constraint state for a batch: mask the logits, then advance with the chosen tokens.
 
     Each row's allowed tokens come from its constraint's index (None: every token allowed). The
-    masks of all states are one boolean table [states, vocab] on the device; the transitions are
-    kept as sorted keys state * vocab + token with their next states, so a step is one gather and
-    one binary search for the whole batch.
+    tables of each index are built once per device (`device_index`) and laid side by side (state
+    numbers offset; the first index's are used as they are), so a step is one gather, one unpacking
+    of bits and one binary search for the whole batch, with no wait on the host. A free row sits in
+    an extra state whose every bit is set and which no key leaves.
     """
 
     def __init__(self, constraints: Sequence[Constraint | None], vocab_size: int, device: torch.device | str = "cpu"):
         self.vocab_size = vocab_size
-        masks, keys, nexts, accepting, starts = [], [], [], [], []
+        device = torch.device(device)
+        bits, keys, nexts, accepting, starts = [], [], [], [], []
         offset = 0
         tables: dict[int, int] = {}  # id(index) -> its first state, so rows sharing a constraint share states
-        free_state: int | None = None
         for constraint in constraints:
             if constraint is None:
-                if free_state is None:  # one state where every token is allowed and leads back to it
-                    free_state = offset
-                    masks.append(torch.ones(1, vocab_size, dtype=torch.bool))
-                    keys.append(offset * vocab_size + torch.arange(vocab_size, dtype=torch.long))
-                    nexts.append(torch.full((vocab_size,), offset, dtype=torch.long))
-                    accepting.append(torch.ones(1, dtype=torch.bool))
-                    offset += 1
-                starts.append(free_state)
+                starts.append(None)
                 continue
             index = constraint.index
-            if index.vocab_size > vocab_size:
-                raise ValueError(f"the constraint's tokenizer has {index.vocab_size} tokens but the model's logits "
-                                 f"only {vocab_size}: use the model's own tokenizer")
             if id(index) not in tables:
+                table = device_index(index, vocab_size, device)
                 tables[id(index)] = offset
-                counts = torch.as_tensor(index.offsets[1:] - index.offsets[:-1])
-                states = torch.repeat_interleave(torch.arange(index.num_states), counts)
-                tokens = torch.as_tensor(index.tokens, dtype=torch.long)
-                mask = torch.zeros(index.num_states, vocab_size, dtype=torch.bool)
-                mask[states, tokens] = True
-                masks.append(mask)
-                keys.append((states + offset) * vocab_size + tokens)
-                nexts.append(torch.as_tensor(index.next_states, dtype=torch.long) + offset)
-                accepting.append(torch.as_tensor(index.accepting))
+                bits.append(table.bits)
+                keys.append(table.keys if offset == 0 else table.keys + offset * vocab_size)
+                nexts.append(table.next_states if offset == 0 else table.next_states + offset)
+                accepting.append(table.accepting)
                 offset += index.num_states
             starts.append(tables[id(index)])
-        self.masks = torch.cat(masks).to(device)
-        self.keys = torch.cat(keys).to(device)
-        self.next_states = torch.cat(nexts).to(device)
-        self.accepting_states = torch.cat(accepting).to(device)
+        if None in starts:
+            free = torch.full(((vocab_size + 7) // 8,), 255, dtype=torch.uint8, device=device)
+            bits.append(free[None])
+            accepting.append(torch.ones(1, dtype=torch.bool, device=device))
+            starts = [offset if start is None else start for start in starts]
+        none = torch.empty(0, dtype=torch.long, device=device)
+        self.bits, self.keys, self.next_states, self.accepting_states = (
+            parts[0] if len(parts) == 1 else torch.cat(parts) if parts else none
+            for parts in (bits, keys, nexts, accepting))
         self.states = torch.tensor(starts, dtype=torch.long, device=device)
+        self._shifts = torch.arange(8, dtype=torch.uint8, device=device)
+
+    def allowed(self) -> torch.Tensor:
+        """Boolean [batch, vocab]: the tokens each row's constraint allows now."""
+        packed = self.bits[self.states]
+        unpacked = (packed[:, :, None] >> self._shifts) & 1
+        return unpacked.reshape(len(self.states), -1)[:, : self.vocab_size].bool()
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits with every token the rows' constraints forbid set to -inf."""
-        return logits.masked_fill(~self.masks[self.states], -torch.inf)
+        return logits.masked_fill(~self.allowed(), -torch.inf)
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Move each row to the state its chosen token leads to (a forbidden token, e.g. padding, stays put)."""
+        if not len(self.keys):
+            return
         keys = self.states * self.vocab_size + tokens
         at = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
         self.states = torch.where(self.keys[at] == keys, self.next_states[at], self.states)

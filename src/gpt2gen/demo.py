@@ -314,6 +314,8 @@ _PER_ROW = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ng
 
 
 STRUCTURED_KINDS = ("Regular expression", "JSON Schema")
+STRUCTURED_STATUS = {"incomplete": "INCOMPLETE: cut by max new tokens",
+                     "blocked": "INCOMPLETE: no allowed token left (the repetition remedies forbade them all)"}
 STRUCTURED_EXAMPLE = ('{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, '
                       '"city": {"enum": ["Paris", "London", "Tokyo"]}, "age": {"type": "integer"}}, '
                       '"required": ["name", "city", "age"]}')
@@ -334,7 +336,7 @@ def structured(loaded: LoadedModel, prompt, kind: str, spec: str, method: str = 
         raise DemoInputError(str(exc)) from None
     result = generate(loaded.model, loaded.tokenizer, [request.prompt] * samples, request.params,
                       max_new_tokens=request.max_new_tokens, seed=request.seed, constraint=constraint)
-    status = ["complete" if r != "incomplete" else "INCOMPLETE: cut by max new tokens" for r in result.finish_reasons]
+    status = [STRUCTURED_STATUS.get(r, "complete") for r in result.finish_reasons]
     return pd.DataFrame({"sample": list(range(1, samples + 1)), "text": result.texts, "status": status})
 
 

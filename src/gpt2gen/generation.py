@@ -7,6 +7,13 @@ scores, one `torch.multinomial` draw per step for the batch, EOS rows padded), s
 same seed it produces the same tokens. The repetition remedies of the settings (`penalties.py`) act
 on the raw logits before the warpers, with the tokens so far, as `generate`'s logits processors do;
 penalty_alpha > 0 switches the loop to contrastive search (`contrastive.py`).
+
+What may cut a token, in the one order every step applies (`allowed_scores`): the penalties change
+values (repetition, presence, frequency), n-gram blocking cuts, then the constraint's mask cuts;
+the warpers (top-k, top-p, min-p, typical) come after and always keep at least one token that is
+still allowed. When the cuts leave a row no token at all (n-gram blocking and the constraint
+together can), the row ends there with the finish reason "blocked": it never draws a forbidden
+token, and the draw of the other rows is unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ class Step:
     tokens: torch.Tensor  # [batch] chosen tokens (the pad token for rows already finished)
     logits: torch.Tensor  # [batch, vocab] raw float32 logits
     scores: torch.Tensor  # [batch, vocab] processed scores the tokens were drawn from
-    finished: torch.Tensor  # [batch] bool: the row has produced EOS (at this step or before)
+    finished: torch.Tensor  # [batch] bool: the row has produced EOS or was blocked (at this step or before)
+    blocked: torch.Tensor | None = None  # [batch] bool: the row ended because no token was left allowed
 
 
 @dataclass
@@ -45,8 +53,9 @@ class GenerationResult:
     prompt_length: int
     texts: list[str]  # the new text of each row, special tokens removed
     new_tokens: list[list[int]]  # each row's new tokens, up to and including its EOS
-    # "eos", "length" (max_new_tokens) or "context" (context length); under a constraint,
-    # "incomplete" when the row was cut before its text matched the pattern in full
+    # "eos", "length" (max_new_tokens) or "context" (context length); "blocked" when the cuts (n-gram
+    # blocking and a constraint) left no token allowed; under a constraint, "incomplete" when the
+    # row was cut by a length before its text matched the pattern in full
     finish_reasons: list[str]
     logits: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab], if asked
     scores: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab], if asked
@@ -224,11 +233,13 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
     # Position ids count only real tokens, so left padding does not shift the prompt.
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    blocked = torch.zeros_like(unfinished)
+    may_block = mask is not None or params.penalizes  # only n-gram blocking and a mask cut tokens before the warpers
     cache = DynamicCache() if cached else None
     sequence, next_input, next_positions = input_ids, input_ids, position_ids
     resolved = None
-    penalize, prompt_length = params.penalizes, input_ids.shape[1]
-    padding = left_padding(attention_mask) if penalize else None
+    prompt_length = input_ids.shape[1]
+    padding = left_padding(attention_mask) if params.penalizes else None
 
     for _ in range(min(max_new_tokens, limit - input_ids.shape[1])):
         with torch.inference_mode():
@@ -242,8 +253,14 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
-        penalized = apply_penalties(sequence, logits, params, prompt_length, padding) if penalize else logits
-        allowed = penalized if mask is None else mask(penalized)  # forbidden tokens at -inf, before every warper
+        allowed = allowed_scores(logits, sequence, params, prompt_length, padding, mask)
+        if may_block:
+            # A row with nothing allowed draws from a harmless stand-in (its token is discarded), so that
+            # neither the argmax nor the draw sees a row of -inf; the other rows draw as before.
+            empty = torch.isneginf(allowed).all(dim=-1)
+            allowed = allowed.masked_fill(empty[:, None], 0.0)
+            blocked |= empty & unfinished
+            unfinished &= ~empty
         if resolved is None:
             resolved = params.resolve(logits)  # once: later steps find the settings on the device
         tokens, scores = resolved.select(allowed, generator)
@@ -252,15 +269,24 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
             mask.advance(tokens)
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
-        yield Step(tokens=tokens, logits=logits, scores=scores, finished=~unfinished)
-        # The one wait for the device in a step: without EOS there is nothing to wait for.
-        if eos_token_id is not None and not bool(unfinished.any()):
+        yield Step(tokens=tokens, logits=logits, scores=scores, finished=~unfinished, blocked=blocked.clone())
+        # The one wait for the device in a step: without EOS or a cut there is nothing to wait for.
+        if (eos_token_id is not None or may_block) and not bool(unfinished.any()):
             return
         sequence = torch.cat([sequence, tokens[:, None]], dim=-1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[:, None])], dim=-1)
         next_positions = next_positions[:, -1:] + 1
         position_ids = torch.cat([position_ids, next_positions], dim=-1)
         next_input = tokens[:, None]
+
+
+def allowed_scores(logits: torch.Tensor, sequence: torch.Tensor, params: SamplingParams, prompt_length: int,
+                   padding: torch.Tensor | None, mask: TokenMask | None) -> torch.Tensor:
+    """The logits after everything that changes or cuts tokens before the warpers, in this order:
+    repetition, presence and frequency penalties (values), n-gram blocking (-inf), the constraint's
+    mask (-inf). A row may come out all -inf; the caller ends it ("blocked")."""
+    scores = apply_penalties(sequence, logits, params, prompt_length, padding) if params.penalizes else logits
+    return scores if mask is None else mask(scores)
 
 
 def constraint_mask(
@@ -311,10 +337,11 @@ def generate(
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    finished = blocked = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     for step in tqdm(steps, total=max_new_tokens, desc="generating", unit="token", disable=not progress, leave=False):
         columns.append(step.tokens)
         finished = step.finished
+        blocked = step.blocked if step.blocked is not None else blocked
         if output_scores:
             logits.append(step.logits)
             scores.append(step.scores)
@@ -327,6 +354,7 @@ def generate(
     reasons = ["eos" if done else "context" if reached_context else "length" for done in finished.tolist()]
     if mask is not None:
         reasons = [r if ok else "incomplete" for r, ok in zip(reasons, mask.accepting().tolist())]
+    reasons = ["blocked" if cut else r for r, cut in zip(reasons, blocked.tolist())]
     return GenerationResult(
         sequences=torch.cat([input_ids, new], dim=1),
         prompt_length=input_ids.shape[1],

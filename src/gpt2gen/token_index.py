@@ -7,27 +7,37 @@ the vocabulary from every state reachable at a token boundary: all 50,257 of GPT
 walked at once, one byte position at a time, as a numpy gather; a (state, token) pair leaves the
 work as soon as it dies or its token ends.
 
-The index is cached on disk per (pattern, vocabulary), under gpt2gen's cache folder.
+The index is cached on disk per (pattern, vocabulary, the code that builds it), under gpt2gen's
+cache folder, which is trimmed to MAX_CACHE_BYTES (least recently used files first). The build is
+bounded: at most MAX_INDEX_PAIRS (state, token) pairs and MAX_INDEX_SECONDS, named in the error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import tempfile
+import unicodedata
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from .automaton import DEAD, ByteAutomaton, UnsatisfiablePattern, regex_automaton
+from . import automaton as automaton_module
+from .automaton import DEAD, ByteAutomaton, Deadline, PatternTooLarge, UnsatisfiablePattern, regex_automaton
 from .files import cache_root
 
-INDEX_FORMAT = 1  # bump when the index's construction or file layout changes
+INDEX_FORMAT = 2  # the file layout; the code that builds the index is in the cache key too (code_fingerprint)
 STATES_PER_CHUNK = 64  # states walked together: bounds the [states, vocab] working array
+MAX_INDEX_PAIRS = 20_000_000  # allowed (state, token) pairs: 160 MB of index
+MAX_INDEX_SECONDS = 60.0
+MAX_CACHE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.token_bytes)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         digest = hashlib.sha256(str(self.eos_token_id).encode())
         for data in self.token_bytes:
@@ -187,13 +197,21 @@ def build_token_index(automaton: ByteAutomaton, vocabulary: Vocabulary) -> Token
 
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # automaton state -> (token ids, end states)
     frontier = [automaton.initial]
+    deadline = Deadline(f"the token index of {automaton.pattern[:40]!r}", MAX_INDEX_SECONDS)
+    pairs = 0
     while frontier:
         for start in range(0, len(frontier), STATES_PER_CHUNK):
+            deadline.check()
             chunk = np.array(frontier[start : start + STATES_PER_CHUNK], dtype=np.int64)
             ends = _walk(table, chunk, lengths, matrix)
             for state, row in zip(chunk.tolist(), ends):
                 keep = row != DEAD
                 found[state] = (ids[keep], row[keep])
+                pairs += int(keep.sum())
+            if pairs > MAX_INDEX_PAIRS:
+                raise PatternTooLarge(f"the token index of {automaton.pattern[:40]!r} would hold more than "
+                                      f"{MAX_INDEX_PAIRS:,} (state, token) pairs (the limit): use fewer or shorter "
+                                      "repetitions")
         frontier = sorted({int(s) for _, nexts in found.values() for s in np.unique(nexts)} - set(found))
 
     # Keep only states from which an accepting state is reachable through tokens.
@@ -242,10 +260,37 @@ def build_token_index(automaton: ByteAutomaton, vocabulary: Vocabulary) -> Token
     )
 
 
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """What builds an index: the source of automaton.py and of this module, and the Python and Unicode
+    versions (`re` parses the pattern and reads \\d \\w \\s), so that an edit never serves a stale index."""
+    digest = hashlib.sha256(f"{INDEX_FORMAT}\0{sys.version_info[:2]}\0{unicodedata.unidata_version}".encode())
+    for module in (automaton_module, sys.modules[__name__]):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def index_cache_path(pattern: str, vocabulary: Vocabulary) -> Path:
-    """Where the index of (pattern, vocabulary) is cached."""
-    key = hashlib.sha256(f"{INDEX_FORMAT}\0{pattern}\0{vocabulary.fingerprint}".encode()).hexdigest()[:32]
+    """Where the index of (pattern, vocabulary) is cached, for the code that builds it now."""
+    key = hashlib.sha256(f"{code_fingerprint()}\0{pattern}\0{vocabulary.fingerprint}".encode()).hexdigest()[:32]
     return cache_root() / "token-index" / f"{key}.npz"
+
+
+def trim_cache(folder: Path, limit: int = MAX_CACHE_BYTES) -> None:
+    """Delete the least recently used index files until the folder holds at most `limit` bytes."""
+    files = []
+    for path in folder.glob("*.npz"):
+        try:
+            info = path.stat()
+        except OSError:
+            continue  # removed meanwhile by another process
+        files.append((info.st_mtime, info.st_size, path))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files, key=lambda f: f[0]):
+        if total <= limit:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
 
 
 def _save(index: TokenIndex, path: Path) -> None:
@@ -278,14 +323,30 @@ def _load(path: Path, pattern: str) -> TokenIndex | None:
         return None  # missing or unreadable: rebuild
 
 
+RECENT_INDEXES = 4
+_recent: OrderedDict[tuple[str, str], TokenIndex] = OrderedDict()
+
+
 def token_index(pattern: str, tokenizer: PreTrainedTokenizerBase | Vocabulary, cache: bool = True) -> TokenIndex:
-    """The index of `pattern` for `tokenizer`, from the disk cache when it was built before."""
+    """The index of `pattern` for `tokenizer`: the same object as last time for the last few patterns (so
+    its device tables, `constraints.device_index`, are reused), else from the disk cache, else built."""
     vocabulary = tokenizer if isinstance(tokenizer, Vocabulary) else vocabulary_of(tokenizer)
     path = index_cache_path(pattern, vocabulary)
-    if cache and (index := _load(path, pattern)) is not None:
+    key = (pattern, str(path))
+    if cache and (index := _recent.get(key)) is not None:
+        _recent.move_to_end(key)
         return index
-    index = build_token_index(regex_automaton(pattern), vocabulary)
+    if cache and (index := _load(path, pattern)) is not None:
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: trimmed last
+    else:
+        index = build_token_index(regex_automaton(pattern), vocabulary)
+        if cache:
+            _save(index, path)
+            trim_cache(path.parent)
     if cache:
-        _save(index, path)
+        _recent[key] = index
+        while len(_recent) > RECENT_INDEXES:
+            _recent.popitem(last=False)
     return index
 

@@ -53,4 +53,4 @@ def test_benchmark_figures_are_the_jsons():
         quoted = (f"batch {row['batch']} | {row['step_without_mask_ms']:.1f} ms | {row['step_with_mask_ms']:.1f} ms | "
                   f"{row['mask_ops_ms']:.3f} ms ({100 * row['mask_share_of_step']:.2f}%)")
         assert quoted in README and quoted in NOTE, quoted
-    assert re.search(r"loaded from the cache in \d", notebook_text())
+    assert re.search(r"loaded from the disk cache in \d", notebook_text())

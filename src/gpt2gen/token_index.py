@@ -327,6 +327,17 @@ RECENT_INDEXES = 4
 _recent: OrderedDict[tuple[str, str], TokenIndex] = OrderedDict()
 
 
+def cached_index(pattern: str, tokenizer: PreTrainedTokenizerBase | Vocabulary) -> TokenIndex | None:
+    """The index of `pattern` for `tokenizer` read from the disk cache, or None if it is not there (or unreadable)."""
+    vocabulary = tokenizer if isinstance(tokenizer, Vocabulary) else vocabulary_of(tokenizer)
+    path = index_cache_path(pattern, vocabulary)
+    index = _load(path, pattern)
+    if index is not None:
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: trimmed last
+    return index
+
+
 def token_index(pattern: str, tokenizer: PreTrainedTokenizerBase | Vocabulary, cache: bool = True) -> TokenIndex:
     """The index of `pattern` for `tokenizer`: the same object as last time for the last few patterns (so
     its device tables, `constraints.device_index`, are reused), else from the disk cache, else built."""
@@ -336,10 +347,7 @@ def token_index(pattern: str, tokenizer: PreTrainedTokenizerBase | Vocabulary, c
     if cache and (index := _recent.get(key)) is not None:
         _recent.move_to_end(key)
         return index
-    if cache and (index := _load(path, pattern)) is not None:
-        with contextlib.suppress(OSError):
-            os.utime(path)  # recently used: trimmed last
-    else:
+    if not cache or (index := cached_index(pattern, vocabulary)) is None:
         index = build_token_index(regex_automaton(pattern), vocabulary)
         if cache:
             _save(index, path)

@@ -1,10 +1,11 @@
 """notebooks/conftest.py: the notebooks' kernels compute as another CPU would, and nbval compares decimals to one unit.
 
-Both halves are attacked: a stored output that prints more digits than are stable across CPUs must
-fail nbval on this machine, while the same output printed at a stable precision must pass (both
-twins executed here on the CPU's own path, stored, then re-executed by nbval under the conftest);
-and the comparison accepts a decimal one unit off in its last digit, never two units, another
-format, a changed integer or changed text.
+Both halves are attacked through real nbval runs. A stored output that prints more digits than are
+stable across CPUs (executed here on the CPU's own path, stored, then re-executed by nbval under
+the conftest) fails with nbval's mismatch report; without the conftest the same twin passes (the
+control: the failure is the lower path's); printed at a stable precision it passes. A stored
+decimal one unit off passes nbval, three units off or changed text fails; property tests check the
+rule itself: never two units, another format, a changed integer or changed text.
 """
 
 from __future__ import annotations
@@ -30,46 +31,54 @@ notebooks_conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(notebooks_conftest)
 other_cpu_environment = notebooks_conftest.other_cpu_environment
 
-pytestmark = pytest.mark.skipif(not other_cpu_environment(), reason="this CPU has no lower instruction set to compare against")
+lower_path = pytest.mark.skipif(not other_cpu_environment(), reason="this CPU has no lower instruction set to compare against")
 
-# A float32 softmax over a vocabulary (its exp and its sum follow the vector width) and a bfloat16
-# matrix product (its rounding follows oneDNN's kernel): the two kinds of digit that differed
-# between our machines.
+# A float32 softmax over a vocabulary (its exp and its sum follow the vector width), a float32
+# matrix product (MKL's kernel) and a bfloat16 one (oneDNN's rounding): the kinds of digit that
+# differed between our machines.
 COMPUTE = """
 import torch
 torch.manual_seed(0)
 logits = 4 * torch.randn(8, 50257)
+x, w32 = torch.randn(8, 576), torch.randn(576, 4096)
 h, w = torch.randn(8, 768).bfloat16(), torch.randn(768, 3072).bfloat16()
 """
-PRINT_ALL_DIGITS = 'print(f"{torch.softmax(logits, -1).pow(2).sum().item():.9g} {(h @ w).float().sum().item():.9g}")'
-PRINT_STABLE_DIGITS = 'print(f"{torch.softmax(logits, -1).pow(2).sum().item():.3f} {(h @ w).float().sum().item():.2e}")'
+PRINT_ALL_DIGITS = ('print(f"{torch.softmax(logits, -1).pow(2).sum().item():.9g} {(x @ w32).sum().item():.9g} '
+                    '{(h @ w).float().sum().item():.9g}")')
+PRINT_STABLE_DIGITS = ('print(f"{torch.softmax(logits, -1).pow(2).sum().item():.3f} {(x @ w32).sum().item():.2e} '
+                       '{(h @ w).float().sum().item():.2e}")')
+MISMATCH = "mismatch 'stdout'"  # nbval's report of a changed printed output
 
 
-def native_notebook(code: str) -> dict:
-    """A one-cell notebook whose stored output is `code`'s output on this CPU's own path."""
-    namespace: dict = {}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(code, namespace)
+def notebook(code: str, stored: str | None = None) -> dict:
+    """A one-cell notebook whose stored output is `stored`, or else `code`'s output on this CPU's own path."""
+    if stored is None:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(code, {})
+        stored = out.getvalue()
     return {
         "cells": [{"cell_type": "code", "execution_count": 1, "id": "twin", "metadata": {},
-                   "outputs": [{"name": "stdout", "output_type": "stream", "text": out.getvalue()}],
+                   "outputs": [{"name": "stdout", "output_type": "stream", "text": stored}],
                    "source": code}],
         "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
         "nbformat": 4, "nbformat_minor": 5,
     }
 
 
-def nbval_under_conftest(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
-    shutil.copy(NOTEBOOKS / "conftest.py", tmp_path / "conftest.py")
-    (tmp_path / "twin.ipynb").write_text(json.dumps(native_notebook(code)))
+def run_nbval(folder: Path, nb: dict, with_conftest: bool = True) -> subprocess.CompletedProcess:
+    """nbval on `nb` in `folder`, under notebooks/conftest.py or (the control) without it."""
+    if with_conftest:
+        shutil.copy(NOTEBOOKS / "conftest.py", folder / "conftest.py")
+    (folder / "twin.ipynb").write_text(json.dumps(nb))
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", "--nbval-current-env",
-         "--rootdir", str(tmp_path), str(tmp_path / "twin.ipynb")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+         "--rootdir", str(folder), str(folder / "twin.ipynb")],
+        cwd=folder, capture_output=True, text=True, timeout=300,
     )
 
 
+@lower_path
 def test_the_lower_path_is_the_one_the_kernels_get():
     env = other_cpu_environment()
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
@@ -79,15 +88,31 @@ def test_the_lower_path_is_the_one_the_kernels_get():
     assert native != lower, (native, lower)
 
 
+@lower_path
 def test_a_cpu_decided_digit_fails_nbval(tmp_path):
-    result = nbval_under_conftest(tmp_path, COMPUTE + PRINT_ALL_DIGITS)
-    assert result.returncode != 0 and "1 failed" in result.stdout, result.stdout[-2000:]
+    result = run_nbval(tmp_path, notebook(COMPUTE + PRINT_ALL_DIGITS))
+    assert result.returncode != 0 and "1 failed" in result.stdout and MISMATCH in result.stdout, result.stdout[-2000:]
 
 
-def test_digits_stable_across_cpus_pass_nbval(tmp_path):
-    result = nbval_under_conftest(tmp_path, COMPUTE + PRINT_STABLE_DIGITS)
+@lower_path
+def test_the_same_digits_pass_on_the_cpus_own_path(tmp_path):
+    """The control: without the conftest the all-digits twin passes, so the failure above is the lower path's."""
+    result = run_nbval(tmp_path, notebook(COMPUTE + PRINT_ALL_DIGITS), with_conftest=False)
     assert result.returncode == 0, result.stdout[-2000:]
 
+
+@lower_path
+def test_digits_stable_across_cpus_pass_nbval(tmp_path):
+    result = run_nbval(tmp_path, notebook(COMPUTE + PRINT_STABLE_DIGITS))
+    assert result.returncode == 0, result.stdout[-2000:]
+
+
+@pytest.mark.parametrize(("stored", "passes"), [("p = 0.5132\n", True), ("p = 0.5130\n", True),
+                                                 ("p = 0.5134\n", False), ("q = 0.5131\n", False)])
+def test_nbval_compares_decimals_to_one_unit(tmp_path, stored, passes):
+    """The comparison nbval really runs under the conftest (not only the function): one unit passes, three do not."""
+    result = run_nbval(tmp_path, notebook('print(f"p = {0.5131:.4f}")', stored=stored))
+    assert (result.returncode == 0) is passes, result.stdout[-2000:]
 
 
 same_to_one_unit = notebooks_conftest.same_to_one_unit

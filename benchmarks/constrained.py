@@ -1,18 +1,27 @@
 """Constrained decoding, measured: `.venv/bin/python benchmarks/constrained.py`. Not part of the tests.
 
 On GPT-2's real tokenizer (50,257 tokens) and GPT-2 small's architecture (random weights: they
-decode exactly as fast as GPT-2's, and run offline):
-- the token index's build time, ours (numpy) against outlines-core's (Rust), for a few patterns;
-- loading a built index from the disk cache;
-- the mask's share of a decode step at batch 1 and 8: steps with the mask against steps without,
-  and the mask's own operations (mask the logits, advance the states) timed alone.
-The machine is shared and noisy: the two sides of each comparison alternate, and each figure is
-the best of several runs. Writes benchmarks/results/constrained.json and prints a table.
+decode exactly as fast as GPT-2's, and run offline), over a set of patterns, for each:
+- the index build: ours (numpy) against outlines-core's (Rust), and the grammar compilers of
+  XGrammar and llguidance where installed (`make bench-structured` installs their CPU wheels);
+  each given the same regular expression, one thread each;
+- the memory of our tables (the index, and the packed per-device tables the mask reads);
+- the cost of the mask per decode step, construction counted: one `TokenMask` made per call (from
+  the built index, as `generate` does), then at every step of a matching text's tokens the mask
+  applied to the logits and the states advanced, at batch 1 and 8; against the same work in
+  XGrammar and llguidance (batch 1: fill the bitmask, apply it, accept the token); and as a share
+  of an unconstrained decode step of GPT-2 small at the same batch size.
+Goals (issue 21): the mask's cost under 5% of a step at batch 1 and 8 for every pattern, and our
+builds within 2x of outlines-core's. The machine is shared and noisy: the sides of each
+comparison alternate, and each figure is the best of several runs. Writes
+benchmarks/results/constrained.json and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import machine  # noqa: E402  (the suite's machine description, unchanged)
 
 from gpt2gen.automaton import regex_automaton  # noqa: E402
-from gpt2gen.constraints import TokenMask, json_schema_constraint, json_schema_regex  # noqa: E402
+from gpt2gen.constraints import Constraint, TokenMask, device_index, json_schema_regex  # noqa: E402
 from gpt2gen.files import write_json_atomic  # noqa: E402
 from gpt2gen.generation import decode_steps, encode_prompts  # noqa: E402
 from gpt2gen.gpt2_reference import gpt2_tokenizer  # noqa: E402
@@ -45,92 +54,211 @@ SCHEMA = {
     },
     "required": ["name", "age", "city"],
 }
+# name: (pattern, a text it matches: its tokens are the steps timed)
 PATTERNS = {
-    "date": r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
-    "e-mail-like": r"[a-z0-9._]+@[a-z]+\.(com|org|net)",
-    "quoted text": r'"[^"\n]{0,40}"',
-    "JSON schema (4 fields)": json_schema_regex(SCHEMA),
+    "date": (r"[0-9]{4}-[0-9]{2}-[0-9]{2}", "2024-05-17"),
+    "e-mail-like": (r"[a-z0-9._]+@[a-z]+\.(com|org|net)", "jane.doe_1984@example.org"),
+    "quoted text": (r'"[^"\n]{0,40}"', '"The quick brown fox, once more."'),
+    "integer list": (r"\[(0|[1-9][0-9]{0,5})(, (0|[1-9][0-9]{0,5})){0,19}\]", "[3, 14, 159, 2653, 58979, 323846, 0, 26]"),
+    "letters and spaces, 50-300": (r"[a-z ]{50,300}",
+                                   "the quick brown fox jumps over the lazy dog and keeps running into the woods"),
+    "JSON schema (4 fields)": (json_schema_regex(SCHEMA),
+                               '{"name": "Alexa Smith", "age": 25, "city": "Tokyo", "tags": ["red", "blue"]}'),
 }
+BUILD_GOAL, MASK_GOAL = 2.0, 0.05
 
 
-def alternate(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Best wall time of each side, the two run in turn so that both see the same machine."""
-    best = [float("inf"), float("inf")]
+def best_of(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Best wall time of each function, all run in turn `repeats` times so that each sees the same machine."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        for side, fn in enumerate((first, second)):
+        for side, fn in enumerate(fns):
             start = time.perf_counter()
             fn()
             best[side] = min(best[side], time.perf_counter() - start)
-    return best[0], best[1]
+    return best
 
 
-def index_builds(tokenizer, repeats: int) -> list[dict]:
+def available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+class Engines:
+    """The other libraries, each set up once for the tokenizer: build an index or grammar, and run a text's steps."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        vocabulary = vocabulary_of(tokenizer)
+        tokens: dict[bytes, list[int]] = {}
+        for token_id, data in enumerate(vocabulary.token_bytes):
+            if data is not None:
+                tokens.setdefault(data, []).append(token_id)
+        self.outlines_vocabulary = OutlinesVocabulary(vocabulary.eos_token_id, tokens)
+        self.vocab_size = vocab_size
+        self.xgrammar = self.llguidance = None
+        if available("xgrammar"):
+            import xgrammar
+
+            info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+            self.xgrammar = (xgrammar, xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False))
+        if available("llguidance"):
+            import llguidance
+            import llguidance.hf
+            import llguidance.torch
+
+            self.llguidance = (llguidance, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size))
+
+    def builders(self, pattern: str) -> dict[str, Callable[[], object]]:
+        out = {"outlines-core": lambda: Index(pattern, self.outlines_vocabulary)}
+        if self.xgrammar:
+            xgrammar, compiler = self.xgrammar
+            out["xgrammar"] = lambda: compiler.compile_regex(pattern)
+        if self.llguidance:
+            llguidance, lltokenizer = self.llguidance
+            out["llguidance"] = lambda: llguidance.LLMatcher(lltokenizer, llguidance.LLMatcher.grammar_from_regex(pattern))
+        return out
+
+    def steppers(self, pattern: str, tokens: list[int]) -> dict[str, Callable[[], object]]:
+        """Per call: make the matcher from the built grammar, then per token fill the bitmask, apply it, accept."""
+        out = {}
+        logits = torch.randn(1, self.vocab_size)
+        if self.xgrammar:
+            out["xgrammar"] = self._xgrammar_steps(self.xgrammar[1].compile_regex(pattern), tokens)
+        if self.llguidance:
+            llguidance, lltokenizer = self.llguidance
+            grammar = llguidance.LLMatcher.grammar_from_regex(pattern)
+
+            def run_llguidance():
+                matcher = llguidance.LLMatcher(lltokenizer, grammar)
+                bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
+                for token in tokens:
+                    llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
+                    llguidance.torch.apply_token_bitmask_inplace(logits, bitmask)
+                    assert matcher.consume_token(token)
+            out["llguidance"] = run_llguidance
+        return out
+
+    def schema_steps(self, schema: dict, tokens: list[int]) -> Callable[[], object] | None:
+        """XGrammar given the JSON Schema itself (its own JSON grammar), not the regular expression made from it."""
+        if not self.xgrammar:
+            return None
+        compiled = self.xgrammar[1].compile_json_schema(json.dumps(schema), any_whitespace=False)
+        return self._xgrammar_steps(compiled, tokens)
+
+    def _xgrammar_steps(self, compiled, tokens: list[int]) -> Callable[[], object]:
+        xgrammar = self.xgrammar[0]
+        logits = torch.randn(1, self.vocab_size)
+
+        def run():
+            matcher = xgrammar.GrammarMatcher(compiled)
+            bitmask = xgrammar.allocate_token_bitmask(1, self.vocab_size)
+            for token in tokens:
+                matcher.fill_next_token_bitmask(bitmask)
+                xgrammar.apply_token_bitmask_inplace(logits, bitmask)
+                assert matcher.accept_token(token)
+        return run
+
+    def memory(self, pattern: str) -> dict[str, float]:
+        if not self.xgrammar:
+            return {}
+        return {"xgrammar": self.xgrammar[1].compile_regex(pattern).memory_size_bytes / 1e6}
+
+
+def ours_steps(constraint: Constraint, tokens: list[int], batch: int, vocab_size: int) -> Callable[[], object]:
+    """One call's mask work, as `generate` does it: make the `TokenMask`, then mask and advance at every token."""
+    logits = torch.randn(batch, vocab_size)
+    columns = [torch.full((batch,), token) for token in tokens]
+
+    def run():
+        mask = TokenMask([constraint] * batch, vocab_size)
+        for column in columns:
+            mask(logits)
+            mask.advance(column)
+        assert mask.accepting().all()
+    return run
+
+
+def megabytes(*arrays) -> float:
+    return sum(a.nbytes for a in arrays) / 1e6
+
+
+def measure_pattern(name: str, pattern: str, text: str, tokenizer, engines: Engines, vocab_size: int,
+                    repeats: int) -> dict:
     vocabulary = vocabulary_of(tokenizer)
-    tokens: dict[bytes, list[int]] = {}
-    for token_id, data in enumerate(vocabulary.token_bytes):
-        if data is not None:
-            tokens.setdefault(data, []).append(token_id)
-    theirs_vocabulary = OutlinesVocabulary(vocabulary.eos_token_id, tokens)
-    rows = []
-    for name, pattern in PATTERNS.items():
-        ours, theirs = alternate(lambda p=pattern: build_token_index(regex_automaton(p), vocabulary),
-                                 lambda p=pattern: Index(p, theirs_vocabulary), repeats)
-        token_index(pattern, tokenizer)  # make sure it is cached
-        cached = min(_timed(lambda p=pattern: cached_index(p, tokenizer)) for _ in range(repeats))
-        states = token_index(pattern, tokenizer).num_states
-        rows.append({"pattern": name, "states": states, "ours_s": ours, "outlines_core_s": theirs,
-                     "ours_over_outlines": ours / theirs, "cached_load_s": cached})
-    return rows
-
-
-def _timed(fn: Callable[[], object]) -> float:
+    builders = engines.builders(pattern)
+    times = best_of([lambda: build_token_index(regex_automaton(pattern), vocabulary), *builders.values()], repeats)
+    index = token_index(pattern, tokenizer)
+    cached = min(best_of([lambda: cached_index(pattern, tokenizer)], repeats))
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    tables = device_index(index, vocab_size, "cpu")
+    tables_s = time.perf_counter() - start
+    tokens = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    constraint = Constraint(pattern, index)
+    steps = {f"ours, batch {b}": ours_steps(constraint, tokens, b, vocab_size) for b in (1, 8)}
+    steps.update(engines.steppers(pattern, tokens))
+    step_times = best_of(list(steps.values()), repeats)
+    return {
+        "pattern": name, "regex_length": len(pattern), "states": index.num_states, "text_tokens": len(tokens),
+        "build_s": dict(zip(["ours", *builders], times)),
+        "ours_over_outlines": times[0] / times[1],
+        "cached_load_s": cached,
+        "device_tables_s": tables_s,
+        "memory_mb": {"ours, index": megabytes(index.offsets, index.tokens, index.next_states, index.accepting),
+                      "ours, device tables": megabytes(tables.bits, tables.keys, tables.next_states, tables.accepting),
+                      **engines.memory(pattern)},
+        "mask_ms_per_step": {side: 1000 * t / len(tokens) for side, t in zip(steps, step_times)},
+    }
 
 
-def mask_share(model, tokenizer, batch: int, steps: int, repeats: int) -> dict:
-    """Decode steps with the JSON schema's mask against without it, and the mask's operations alone."""
-    constraint = json_schema_constraint(SCHEMA, tokenizer)
+def decode_step_ms(model, tokenizer, batch: int, steps: int, repeats: int) -> float:
+    """An unconstrained greedy decode step of the model at this batch size (prefill excluded)."""
     prompts = ["The quick brown fox jumps over the lazy dog and keeps running"] * batch
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, model.device)
-    params = SamplingParams.greedy()
 
-    def run(with_mask: bool) -> Callable[[], object]:
+    def run(count: int) -> Callable[[], object]:
         def go():
-            mask = TokenMask([constraint] * batch, model.config.vocab_size) if with_mask else None
-            for _ in decode_steps(model, input_ids, attention_mask, params, steps, mask=mask):
+            for _ in decode_steps(model, input_ids, attention_mask, SamplingParams.greedy(), count):
                 pass
         return go
 
-    without, with_mask = alternate(run(False), run(True), repeats)
-    mask = TokenMask([constraint] * batch, model.config.vocab_size)
-    logits = torch.randn(batch, model.config.vocab_size)
-    tokens = torch.full((batch,), tokenizer.convert_tokens_to_ids("{"))
+    one, many = best_of([run(1), run(steps + 1)], repeats)
+    return 1000 * (many - one) / steps
 
-    def ops():
-        for _ in range(100):
-            mask(logits)
-            mask.advance(tokens)
 
-    alone = min(_timed(ops) for _ in range(repeats)) / 100
-    step = without / steps
-    return {"batch": batch, "steps": steps, "step_without_mask_ms": 1000 * step,
-            "step_with_mask_ms": 1000 * with_mask / steps, "end_to_end_ratio": with_mask / without,
-            "mask_ops_ms": 1000 * alone, "mask_share_of_step": alone / step}
+def goals(rows: list[dict], step_ms: dict[int, float]) -> dict:
+    shares = {f"{r['pattern']}, batch {b}": r["mask_ms_per_step"][f"ours, batch {b}"] / step_ms[b]
+              for r in rows for b in (1, 8)}
+    return {
+        "mask_goal": MASK_GOAL,
+        "build_goal": BUILD_GOAL,
+        "mask_share_of_step": shares,
+        "mask_under_5_percent": all(s < MASK_GOAL for s in shares.values()),
+        "worst_mask_share": max(shares.values()),
+        "build_within_2x_of_outlines": all(r["ours_over_outlines"] <= BUILD_GOAL for r in rows),
+        "build_ratio_range": [min(r["ours_over_outlines"] for r in rows), max(r["ours_over_outlines"] for r in rows)],
+    }
 
 
 def table(results: dict) -> str:
-    lines = ["index build on GPT-2's 50,257 tokens (best of N, sides alternated):",
-             f"{'pattern':26} {'states':>6} {'ours s':>8} {'outlines-core s':>16} {'ratio':>6} {'cached load s':>14}"]
-    for r in results["index_build"]:
-        lines.append(f"{r['pattern']:26} {r['states']:>6} {r['ours_s']:>8.3f} {r['outlines_core_s']:>16.3f} "
-                     f"{r['ours_over_outlines']:>6.1f} {r['cached_load_s']:>14.4f}")
-    lines.append("the mask in a decode step (GPT-2 small architecture, greedy, JSON schema constraint):")
-    for r in results["mask_share"]:
-        lines.append(f"  batch {r['batch']}: step {r['step_without_mask_ms']:.1f} ms without, "
-                     f"{r['step_with_mask_ms']:.1f} ms with (x{r['end_to_end_ratio']:.3f}); mask operations alone "
-                     f"{r['mask_ops_ms']:.3f} ms = {100 * r['mask_share_of_step']:.2f}% of a step")
+    rows = results["patterns"]
+    others = [k for k in rows[0]["build_s"] if k != "ours"]
+    lines = ["index build on GPT-2's 50,257 tokens, seconds (best of N, sides alternated, one thread each):",
+             f"{'pattern':28} {'states':>6} {'ours':>8} " + " ".join(f"{k:>14}" for k in others) + f" {'ours/outl.':>10}"]
+    for r in rows:
+        lines.append(f"{r['pattern']:28} {r['states']:>6} {r['build_s']['ours']:>8.3f} "
+                     + " ".join(f"{r['build_s'][k]:>14.4f}" for k in others) + f" {r['ours_over_outlines']:>10.2f}")
+    steppers = list(rows[0]["mask_ms_per_step"])
+    lines.append("the mask per decode step, construction counted, ms (a matching text's tokens):")
+    lines.append(f"{'pattern':28} {'tokens':>6} " + " ".join(f"{k:>14}" for k in steppers) + f" {'tables MB':>10}")
+    for r in rows:
+        lines.append(f"{r['pattern']:28} {r['text_tokens']:>6} "
+                     + " ".join(f"{r['mask_ms_per_step'][k]:>14.3f}" for k in steppers)
+                     + f" {r['memory_mb']['ours, device tables']:>10.2f}")
+    step = results["decode_step_ms"]
+    g = results["goals"]
+    lines.append(f"unconstrained decode step, GPT-2 small: batch 1 {step['1']:.1f} ms, batch 8 {step['8']:.1f} ms; "
+                 f"worst mask share {100 * g['worst_mask_share']:.2f}% (goal < 5%: {g['mask_under_5_percent']}); "
+                 f"builds {g['build_ratio_range'][0]:.2f}-{g['build_ratio_range'][1]:.2f}x outlines-core's "
+                 f"(goal <= 2x: {g['build_within_2x_of_outlines']})")
     return "\n".join(lines)
 
 
@@ -138,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--conditions", default="a quiet machine",
+                        help="what else the machine was doing, stored with the figures")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -145,15 +275,37 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     tokenizer = gpt2_tokenizer()
     model = GPT2LMHeadModel(GPT2Config()).eval()
+    vocab_size = model.config.vocab_size
+    engines = Engines(tokenizer, vocab_size)
+    rows = [measure_pattern(name, pattern, text, tokenizer, engines, vocab_size, args.repeats)
+            for name, (pattern, text) in PATTERNS.items()]
+    step_ms = {b: decode_step_ms(model, tokenizer, b, args.steps, args.repeats) for b in (1, 8)}
+    schema_text = PATTERNS["JSON schema (4 fields)"][1]
+    schema_tokens = tokenizer(schema_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    xgrammar_schema = engines.schema_steps(SCHEMA, schema_tokens)
     results = {
         "machine": machine(),
         "repeats": args.repeats,
-        "index_build": index_builds(tokenizer, args.repeats),
-        "mask_share": [mask_share(model, tokenizer, b, args.steps, args.repeats) for b in (1, 8)],
+        "conditions": args.conditions,
+        "versions": {name: _version(name) for name in ("outlines-core", "xgrammar", "llguidance")},
+        "patterns": rows,
+        "decode_step_ms": {str(b): ms for b, ms in step_ms.items()},
+        "goals": goals(rows, step_ms),
+        "xgrammar_from_the_schema_ms_per_step": None if xgrammar_schema is None else
+        1000 * min(best_of([xgrammar_schema], args.repeats)) / len(schema_tokens),
     }
     write_json_atomic(RESULTS, results)
     print(table(results))
     return 0
+
+
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """The demo under several users at once (README, "Under faults": the demo under load), with the load script
 `benchmarks/demo_load.py` at a small scale: streamed tokens reach every client, the queue refuses what it
-cannot hold at once, memory stays bounded, and a client that leaves stops its generation."""
+cannot hold at once, memory stays bounded, and a client that leaves stops its generation or its constraint's
+build."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 
 from gpt2gen.demo import launch
 from gpt2gen.loading import load_model
+from gpt2gen.token_index import cached_index
 
 SPEC = importlib.util.spec_from_file_location("demo_load", Path(__file__).parents[1] / "benchmarks" / "demo_load.py")
 demo_load = importlib.util.module_from_spec(SPEC)
@@ -80,6 +83,34 @@ def test_a_client_that_leaves_stops_its_generation(slow_model_dir):
         assert len(steps) == after_leaving < 200, f"{len(steps)} forward passes: generation went on"
     finally:
         hook.remove()
+        app.close()
+
+
+def test_a_client_that_leaves_stops_its_constraints_build(tiny_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT2GEN_CACHE", str(tmp_path))
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    pattern = "[a-z ]{300,600}"  # seconds to build: 600 states, about 17 million (state, token) pairs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = launch(loaded, port=port, prevent_thread_lock=True)
+    url = f"http://127.0.0.1:{port}/gradio_api/call/structured"
+    try:
+        with httpx.Client(timeout=60) as http:
+            data = ["x", "Regular expression", pattern, "Greedy", 1.0, 0.9, 20, 0]
+            event_id = http.post(url, json={"data": data}).json()["event_id"]
+            with http.stream("GET", f"{url}/{event_id}") as response:
+                lines = (line for line in response.iter_lines() if line.startswith("data:"))
+                assert "Building" in next(lines)
+            # The client has left.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(
+                    t.name == "gpt2gen-demo-structured" and t.is_alive() for t in threading.enumerate()):
+                time.sleep(0.1)
+        assert not any(t.name == "gpt2gen-demo-structured" and t.is_alive() for t in threading.enumerate()), \
+            "the build went on after the client left"
+        assert cached_index(pattern, loaded.tokenizer) is None
+    finally:
         app.close()
 
 

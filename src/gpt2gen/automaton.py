@@ -18,15 +18,21 @@ inside a large class (`.`, `[^"]`) are shared. Only well-formed UTF-8 is accepte
 forms, no surrogates). Every state kept can still reach an accepting state.
 
 The work is bounded: the pattern's length, the size it expands to (`a{100000}`), the number of
-states and the build time each have a limit, named in the error when it is reached.
+states and the build time each have a limit, named in the error when it is reached. A build made
+inside `cancellable(event)` stops with `BuildCancelled` soon after the event is set (the demo sets
+it when its user leaves).
 """
 
 from __future__ import annotations
 
 import bisect
 import re
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -87,14 +93,33 @@ class ByteAutomaton:
         return state != DEAD and bool(self.accepting[state])
 
 
+class BuildCancelled(RuntimeError):
+    """A build was abandoned: the event of the `cancellable` block around it was set."""
+
+
+_cancel: ContextVar[threading.Event | None] = ContextVar("gpt2gen_build_cancel", default=None)
+
+
+@contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """Builds (automata and token indexes) run inside this block stop with `BuildCancelled` once `event` is set."""
+    token = _cancel.set(event)
+    try:
+        yield
+    finally:
+        _cancel.reset(token)
+
+
 class Deadline:
-    """Raises `PatternTooLarge` once `seconds` have passed since it was made."""
+    """Raises `PatternTooLarge` once `seconds` have passed since it was made, `BuildCancelled` once cancelled."""
 
     def __init__(self, what: str, seconds: float | None = None):
         self.what, self.seconds = what, MAX_BUILD_SECONDS if seconds is None else seconds
         self.end = time.monotonic() + self.seconds
 
     def check(self) -> None:
+        if (event := _cancel.get()) is not None and event.is_set():
+            raise BuildCancelled(f"building {self.what} was cancelled")
         if time.monotonic() > self.end:
             raise PatternTooLarge(f"building {self.what} took longer than the limit of {self.seconds:g} s: "
                                   "use a smaller pattern (fewer or shorter repetitions)")

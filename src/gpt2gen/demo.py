@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from .automaton import BuildCancelled, cancellable  # noqa: E402
 from .constraints import json_schema_constraint, regex_constraint  # noqa: E402
 from .generation import generate, stream  # noqa: E402
 from .inspection import token_label  # noqa: E402
@@ -38,6 +40,7 @@ REPETITION_PENALTY_RANGE = (0.5, 3.0)
 NGRAM_RANGE = (0, 10)
 CHART_TOKENS = 12
 STEP_TIMEOUT_S = 120  # longest wait for one token before the stream gives up
+STATUS_EVERY_S = 0.5  # how often the structured tab reports while it builds (and notices a user who left)
 MAX_QUEUE = 32  # requests waiting for a free generation slot; more are refused at once
 
 
@@ -340,6 +343,46 @@ def structured(loaded: LoadedModel, prompt, kind: str, spec: str, method: str = 
     return pd.DataFrame({"sample": list(range(1, samples + 1)), "text": result.texts, "status": status})
 
 
+def structured_updates(loaded: LoadedModel, stop: threading.Event, prompt, kind: str, spec: str,
+                       method: str = "Top-p", temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=60,
+                       seed=0) -> Iterator[tuple[pd.DataFrame | None, str]]:
+    """`structured` on a worker thread: (None, a status) while it builds and generates, then (the table, "Done").
+
+    Closing the iterator, as Gradio does when the user leaves, sets `stop`: a constraint still being
+    built stops there (`cancellable`) and nothing is cached; a generation already started ends
+    within its `max_new_tokens`.
+    """
+    results: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        try:
+            with cancellable(stop):
+                results.put(structured(loaded, prompt, kind, spec, method, temperature, top_k, top_p,
+                                       max_new_tokens, seed))
+        except BuildCancelled:
+            results.put(None)
+        except Exception as exc:  # reported to the caller, not lost on the thread
+            results.put(exc)
+
+    worker = threading.Thread(target=work, name="gpt2gen-demo-structured", daemon=True)
+    worker.start()
+    started = time.monotonic()
+    try:
+        while True:
+            try:
+                item = results.get(timeout=STATUS_EVERY_S)
+            except queue.Empty:
+                yield None, f"Building the constraint and generating… {time.monotonic() - started:.0f} s"
+                continue
+            if isinstance(item, Exception):
+                raise item
+            if item is not None:
+                yield item, f"Done: {len(item)} samples from {loaded.label}"
+            return
+    finally:
+        stop.set()
+
+
 _loaded: dict[str, LoadedModel] = {}
 _loaded_lock = threading.Lock()
 
@@ -398,7 +441,9 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
 
     def run_structured(prompt, kind, spec, method, temperature, top_p, max_new_tokens, seed):
         try:
-            return structured(loaded, prompt, kind, spec, method, temperature, 50, top_p, max_new_tokens, seed)
+            for table, status in structured_updates(loaded, threading.Event(), prompt, kind, spec, method,
+                                                    temperature, 50, top_p, max_new_tokens, seed):
+                yield gr.skip() if table is None else table, status
         except DemoInputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
@@ -478,7 +523,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
         with gr.Tab("Structured output"):
             with gr.Row():
                 with gr.Column(scale=2):
-                    s_prompt = gr.Textbox(label="Prompt", value="A person, as JSON:", lines=2,
+                    s_prompt = gr.Textbox(label="Prompt", value="A person, as JSON:\n", lines=2,
                                           max_length=MAX_PROMPT_CHARS)
                     s_kind = gr.Radio(list(STRUCTURED_KINDS), value="JSON Schema", label="Constraint")
                     s_spec = gr.Textbox(label="Regular expression or JSON Schema", value=STRUCTURED_EXAMPLE, lines=4)
@@ -490,8 +535,10 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                     structured_button = gr.Button("Generate 3 samples", variant="primary")
                 with gr.Column(scale=3):
                     s_table = gr.Dataframe(label=f"Every complete sample matches ({loaded.label})", wrap=True)
+                    s_status = gr.Markdown()
             structured_button.click(run_structured, [s_prompt, s_kind, s_spec, s_method, s_temperature, s_top_p, s_max,
-                                                     s_seed], s_table, api_name="structured", preprocess=False)
+                                                     s_seed], [s_table, s_status], api_name="structured",
+                                    preprocess=False)
         with gr.Tab("Speculative"):
             gr.Markdown("Prompt lookup guesses the next tokens from text that came before and the model checks "
                         f"them all in one pass: <span style='{ACCEPTED_STYLE}'>accepted guesses</span>, the model's "

@@ -3,9 +3,9 @@
 A token is allowed in a state if reading all its bytes through the byte automaton stays on a
 path that can still complete (see `automaton.py`); the state it ends in is the next state. The
 end-of-text token is allowed only in accepting states. Building it means walking every token of
-the vocabulary from every state reachable at a token boundary: all 50,257 of GPT-2's tokens are
-walked at once, one byte position at a time, as a numpy gather; a (state, token) pair leaves the
-work as soon as it dies or its token ends.
+the vocabulary from every state reachable at a token boundary. The tokens are read as a trie of
+their bytes (a prefix shared by many tokens is read once), one depth at a time for 64
+states at once, as numpy gathers; a trie node leaves the work once every state has died on it.
 
 The index is cached on disk per (pattern, vocabulary, the code that builds it), under gpt2gen's
 cache folder, which is trimmed to MAX_CACHE_BYTES (least recently used files first). The build is
@@ -34,7 +34,7 @@ from .automaton import DEAD, ByteAutomaton, Deadline, PatternTooLarge, Unsatisfi
 from .files import cache_root
 
 INDEX_FORMAT = 2  # the file layout; the code that builds the index is in the cache key too (code_fingerprint)
-STATES_PER_CHUNK = 64  # states walked together: bounds the [states, vocab] working array
+STATES_PER_CHUNK = 64  # states walked together: bounds the [states, tokens] result and the working arrays
 MAX_INDEX_PAIRS = 20_000_000  # allowed (state, token) pairs: 160 MB of index
 MAX_INDEX_SECONDS = 60.0
 MAX_CACHE_BYTES = 512 * 2**20
@@ -146,40 +146,75 @@ class TokenIndex:
         return dict(zip(self.tokens[lo:hi].tolist(), self.next_states[lo:hi].tolist()))
 
 
+@dataclass(frozen=True)
+class _Level:
+    """The trie nodes at one depth: each node's parent (a position in the level above) and its byte.
+
+    `ends` are the positions of the nodes where a token ends and `columns` those tokens (their
+    places in the ordinary-token array); a node may end several tokens with the same bytes.
+    """
+
+    parents: np.ndarray  # [nodes] int64
+    byte: np.ndarray  # [nodes] int64
+    ends: np.ndarray  # [tokens ending here] int64
+    columns: np.ndarray  # [tokens ending here] int64
+
+
 @lru_cache(maxsize=4)
-def _token_arrays(vocabulary: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ordinary tokens: ids, lengths, and their bytes as a zero-padded [tokens, longest] matrix."""
-    ids = np.array([i for i, data in enumerate(vocabulary.token_bytes) if data], dtype=np.int32)
-    chunks = [vocabulary.token_bytes[i] for i in ids]
-    lengths = np.array([len(c) for c in chunks], dtype=np.int64)
-    flat = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-    rows = np.repeat(np.arange(len(ids)), lengths)
-    columns = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    matrix = np.zeros((len(ids), int(lengths.max()) if len(ids) else 0), dtype=np.uint8)
-    matrix[rows, columns] = flat
-    return ids, lengths, matrix
+def _token_trie(vocabulary: Vocabulary) -> tuple[np.ndarray, tuple[_Level, ...]]:
+    """The ordinary tokens' ids and their byte trie, level by level (depth 1 first).
+
+    Tokens share prefixes ("Ġthe", "Ġthere", "Ġtheir"), so a walk over the trie reads each shared
+    prefix once for all of them.
+    """
+    ids = np.array([i for i, data in enumerate(vocabulary.token_bytes) if data], dtype=np.int64)
+    levels: list[dict[bytes, int]] = [{b"": 0}]
+    nodes: list[tuple[list[int], list[int], list[int], list[int]]] = []
+    for data in sorted({vocabulary.token_bytes[i] for i in ids}, key=len):
+        for depth in range(1, len(data) + 1):
+            if len(levels) <= depth:
+                levels.append({})
+                nodes.append(([], [], [], []))
+            prefix = data[:depth]
+            if prefix not in levels[depth]:
+                levels[depth][prefix] = len(levels[depth])
+                nodes[depth - 1][0].append(levels[depth - 1][data[: depth - 1]])
+                nodes[depth - 1][1].append(data[depth - 1])
+    for column, token_id in enumerate(ids.tolist()):
+        data = vocabulary.token_bytes[token_id]
+        nodes[len(data) - 1][2].append(levels[len(data)][data])
+        nodes[len(data) - 1][3].append(column)
+    return ids, tuple(_Level(*(np.array(part, dtype=np.int64) for part in level)) for level in nodes)
 
 
-def _walk(table: np.ndarray, states: np.ndarray, lengths: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+def _walk(table: np.ndarray, states: np.ndarray, levels: tuple[_Level, ...], tokens: int) -> np.ndarray:
     """End state of every token read from every state in `states`: [len(states), tokens], -1 if it dies.
 
-    All (state, token) pairs advance one byte position per numpy gather; a pair leaves the work as
-    soon as it dies or its token ends, so a restrictive pattern stops after a byte or two.
+    The token trie is read one depth at a time for all states at once (one numpy gather per
+    depth); a trie node leaves the work once every state has died on it, so a restrictive pattern
+    stops after a byte or two.
     """
     dead = table.shape[0] - 1
-    ends = np.full((len(states), len(lengths)), DEAD, dtype=np.int32)
-    rows = np.repeat(np.arange(len(states)), len(lengths))
-    cols = np.tile(np.arange(len(lengths)), len(states))
-    current = states[rows]
-    for j in range(matrix.shape[1]):
-        current = table[current, matrix[cols, j]]
-        alive = current != dead
-        done = alive & (lengths[cols] == j + 1)
-        ends[rows[done], cols[done]] = current[done]
-        more = alive & ~done
-        rows, cols, current = rows[more], cols[more], current[more]
-        if not len(current):
+    flat = table.reshape(-1)
+    ends = np.full((len(states), tokens), DEAD, dtype=np.int32)
+    current = states.astype(np.int64)[:, None]  # the states at the live nodes of the level above
+    place = np.zeros(1, dtype=np.int64)  # live node of the level above -> its column in `current`, -1 if gone
+    for level in levels:
+        at = place[level.parents]
+        candidates = np.flatnonzero(at >= 0)
+        if not len(candidates):
             break
+        current = flat[current[:, at[candidates]] * 256 + level.byte[candidates]]
+        column = np.full(len(level.parents), -1, dtype=np.int64)
+        column[candidates] = np.arange(len(candidates))
+        ending = column[level.ends]
+        done = ending >= 0
+        reached = current[:, ending[done]]
+        ends[:, level.columns[done]] = np.where(reached == dead, DEAD, reached)
+        alive = (current != dead).any(axis=0)
+        place = np.full(len(level.parents), -1, dtype=np.int64)
+        place[candidates[alive]] = np.arange(int(alive.sum()))
+        current = current[:, alive]
     return ends
 
 
@@ -189,7 +224,7 @@ def build_token_index(automaton: ByteAutomaton, vocabulary: Vocabulary) -> Token
     States from which the vocabulary cannot reach an accepting state (possible with a vocabulary
     lacking some bytes) are removed; if that removes the start, `UnsatisfiablePattern` says so.
     """
-    ids, lengths, matrix = _token_arrays(vocabulary)
+    ids, levels = _token_trie(vocabulary)
     # The dead state gets a real row (its own number) so that the gather needs no branches.
     table = np.vstack([automaton.transitions, np.full((1, 256), -1, dtype=np.int32)])
     dead = table.shape[0] - 1
@@ -203,7 +238,7 @@ def build_token_index(automaton: ByteAutomaton, vocabulary: Vocabulary) -> Token
         for start in range(0, len(frontier), STATES_PER_CHUNK):
             deadline.check()
             chunk = np.array(frontier[start : start + STATES_PER_CHUNK], dtype=np.int64)
-            ends = _walk(table, chunk, lengths, matrix)
+            ends = _walk(table, chunk, levels, len(ids))
             for state, row in zip(chunk.tolist(), ends):
                 keep = row != DEAD
                 found[state] = (ids[keep], row[keep])

@@ -26,10 +26,11 @@ import pytest
 from test_figures import PROSE, ROOT, SourceError, figures, unbacked
 
 THRESHOLD = 0.95
-# Notes being rewritten by others under issue 22: their scores are reported, not yet required.
-NOT_YET_REQUIRED = {
-    "notes/06_taming_repetition.md": "being rewritten under issue 22 (chapter 06)",
-    "notes/07_speculative_decoding.md": "being rewritten under issue 22 (chapter 07)",
+# Files under the threshold today, each with the reason; strict, so a file that reaches it must leave the list.
+UNDER_THRESHOLD_YET = {
+    "notes/07_speculative_decoding.md": "being rewritten under issue 22: fails its figure checks as it is (0/312)",
+    "notes/08_constrained_decoding.md": "no figures markers: only tests/test_note08_figures.py's literal quotes bind "
+                                        "it (32/44)",
 }
 
 
@@ -138,8 +139,8 @@ def mutation_score(name: str, root: Path = ROOT, checks: list[Callable[[str], bo
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=False, reason=NOT_YET_REQUIRED[name]))
-     if name in NOT_YET_REQUIRED else name for name in PROSE],
+    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=UNDER_THRESHOLD_YET[name]))
+     if name in UNDER_THRESHOLD_YET else name for name in PROSE],
 )
 def test_one_unit_changes_to_quoted_figures_fail_the_checks(name):
     score = mutation_score(name)

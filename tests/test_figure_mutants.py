@@ -23,7 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from test_figures import PROSE, ROOT, SourceError, figures, unbacked
+from test_figures import NOTEBOOKS, PROSE, ROOT, SourceError, figures, markdown_cells, unbacked
 
 THRESHOLD = 0.95
 # Files under the threshold today, each with the reason; strict, so a file that reaches it must leave the list.
@@ -137,6 +137,52 @@ def mutation_score(name: str, root: Path = ROOT, checks: list[Callable[[str], bo
     return Score(name, killed, total, survivors)
 
 
+def notebook_mutation_score(notebook: str, root: Path = ROOT) -> tuple[Score, int]:
+    """The mutation score of a notebook's marked markdown quotes, and how many figures its markdown leaves unmarked.
+
+    A notebook's markdown also explains settings and worked arithmetic, so only its marked blocks are
+    required to bind; the count of unmarked figures is reported beside the score.
+    """
+    cache: dict = {}
+    killed, total, survivors, unmarked = 0, 0, [], 0
+    for index, text in markdown_cells(notebook, root).items():
+        for figure in figures(text):
+            if figure.block is None:
+                unmarked += 1
+                continue
+            if significant_digits(figure.number) < 3:
+                continue
+            for near in neighbours(figure.number):
+                total += 1
+                try:
+                    caught = bool(unbacked(text[:figure.start] + near + text[figure.end:], root, notebook, cache))
+                except SourceError:
+                    caught = True
+                if caught:
+                    killed += 1
+                else:
+                    survivors.append(f"cell {index}, line {figure.line}: {figure.number} -> {near}")
+    return Score(notebook, killed, total, survivors), unmarked
+
+
+# Notebooks whose marked markdown is under the threshold today, with the reason (strict: one that reaches it must leave).
+NOTEBOOKS_UNDER_THRESHOLD_YET = {
+    "notebooks/04_comparing_methods.ipynb": "its findings quote one table whose rows print neighbouring values "
+                                            "(0.876 and 0.877) and ties (12.85 backs 12.8 and 12.9): 91/98",
+}
+
+
+@pytest.mark.parametrize(
+    "notebook",
+    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOTEBOOKS_UNDER_THRESHOLD_YET[name]))
+     if name in NOTEBOOKS_UNDER_THRESHOLD_YET else name for name in NOTEBOOKS],
+)
+def test_notebook_markdown_quotes_are_bound_tightly(notebook):
+    score, unmarked = notebook_mutation_score(notebook)
+    print(f"{score}; {unmarked} figures of its markdown unmarked")
+    assert score.share >= THRESHOLD, f"{score}, under {THRESHOLD:.0%}; surviving mutants:\n" + "\n".join(score.survivors)
+
+
 @pytest.mark.parametrize(
     "name",
     [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=UNDER_THRESHOLD_YET[name]))
@@ -190,5 +236,10 @@ if __name__ == "__main__":
     for prose in PROSE:
         result = mutation_score(prose)
         print(result)
+        if "-v" in sys.argv:
+            print("\n".join("    " + s for s in result.survivors))
+    for book in NOTEBOOKS:
+        result, loose = notebook_mutation_score(book)
+        print(f"{result}; {loose} figures of its markdown unmarked")
         if "-v" in sys.argv:
             print("\n".join("    " + s for s in result.survivors))

@@ -289,10 +289,10 @@ def unbacked(markdown: str, root: Path, notebook: str | None = None,
     return problems
 
 
-def markdown_cells(notebook: str, root: Path = ROOT) -> list[str]:
-    """The markdown cells' texts of a notebook."""
+def markdown_cells(notebook: str, root: Path = ROOT) -> dict[int, str]:
+    """The markdown cells' texts of a notebook, by their index among all its cells."""
     cells = json.loads((root / notebook).read_text())["cells"]
-    return ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown"]
+    return {index: "".join(cell["source"]) for index, cell in enumerate(cells) if cell["cell_type"] == "markdown"}
 
 
 # Quotes that a source does not back, in files being rewritten under issue 22 (strict: a mended file must leave).
@@ -314,7 +314,7 @@ def test_every_quoted_figure_matches_its_source(name):
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
 def test_notebook_markdown_quotes_its_own_outputs(notebook):
-    problems = [f"markdown cell {index}, {problem}" for index, text in enumerate(markdown_cells(notebook))
+    problems = [f"cell {index}, {problem}" for index, text in markdown_cells(notebook).items()
                 for problem in unbacked(text, ROOT, notebook)]
     assert not problems, f"{notebook}'s markdown quotes figures its outputs no longer show:\n" + "\n".join(problems)
 
@@ -424,7 +424,7 @@ def test_an_end_marker_must_close_a_marker():
 
 def test_notebook_markdown_quotes_its_own_cells(tmp_path):
     _notebook(tmp_path / "nb.ipynb", "perplexity 20.67\n", markdown="<!-- figures: #table -->Perplexity 20.7.")
-    text = markdown_cells("nb.ipynb", tmp_path)[0]
+    text = markdown_cells("nb.ipynb", tmp_path)[1]
     assert unbacked(text, tmp_path, "nb.ipynb") == []
     assert len(unbacked(text.replace("20.7", "20.8"), tmp_path, "nb.ipynb")) == 1
     with pytest.raises(SourceError, match="its own cells"):

@@ -33,7 +33,7 @@ The convention (also in the README, under "Map"):
 - A *figure* is a number outside code, comments and link targets, not part of a name, that has a
   decimal point, three or more significant digits, or a unit (`%`, `x`, `ms`, `MB`), and is not a
   year (1900-2099 written without a comma), a version (after a package's name, or `a.b.c`), a
-  setting (after `=` or a parameter's name: temperature, p, k, ...) or a date. Every figure in
+  setting (after a parameter's name, with or without `=`: temperature, p, k, T, ...) or a date. Every figure in
   README.md, sprint.md and the notes sits in a block (`test_every_figure_sits_in_a_block`), or in
   the README's speed table, which `benchmarks/suite.py` renders from its JSON and
   `tests/test_benchmark_table.py` compares whole.
@@ -78,9 +78,9 @@ NOTEBOOKS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("
 
 # What makes a number a setting, a version or a date rather than a figure (see the module docstring).
 SETTING_BEFORE = re.compile(
-    r"(?:[=≤≥<>]|\b(?:temperature|t|p|k|top-p|top-k|min-p|alpha|α|beta|β|gamma|γ|penalty|theta|θ|seed|n|size"
+    r"\b(?:temperature|t|T|p|k|m|n|d|top-p|top-k|min-p|alpha|α|beta|β|gamma|γ|penalty|theta|θ|seed|size"
     r"|max_new_tokens|batch|batches|draft length|prompt_lookup_num_tokens|num_beams|beams|window"
-    r"|no_repeat_ngram_size)\s*(?:of\s*|=\s*)?)\s*$",
+    r"|no_repeat_ngram_size)\s*(?:of\s*|[=≤≥<>]\s*)?$",
     re.I,
 )
 VERSION_BEFORE = re.compile(

@@ -28,6 +28,7 @@ from test_figures import NOTEBOOKS, PROSE, ROOT, SourceError, figures, markdown_
 THRESHOLD = 0.95
 # Files under the threshold today, each with the reason; strict, so a file that reaches it must leave the list.
 UNDER_THRESHOLD_YET = {
+    "notes/06_taming_repetition.md": "being rewritten under issue 22: four figures outside any block (10/14)",
     "notes/07_speculative_decoding.md": "being rewritten under issue 22: fails its figure checks as it is (0/312)",
     "notes/08_constrained_decoding.md": "no figures markers: only tests/test_note08_figures.py's literal quotes bind "
                                         "it (32/44)",
@@ -167,6 +168,7 @@ def notebook_mutation_score(notebook: str, root: Path = ROOT) -> tuple[Score, in
 
 # Notebooks whose marked markdown is under the threshold today, with the reason (strict: one that reaches it must leave).
 NOTEBOOKS_UNDER_THRESHOLD_YET = {
+    "notes/06_taming_repetition.md": "being rewritten under issue 22: four figures outside any block (10/14)",
     "notebooks/04_comparing_methods.ipynb": "its findings quote one table whose rows print neighbouring values "
                                             "(0.876 and 0.877) and ties (12.85 backs 12.8 and 12.9): 91/98",
 }

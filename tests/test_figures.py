@@ -154,9 +154,7 @@ def source_numbers(spec: str, root: Path, notebook: str | None = None) -> list[D
         text = json.dumps(data)
     else:
         raise SourceError(f"{spec!r}: a figure source is a notebook (.ipynb#tag) or a JSON file")
-    return [Decimal(n.replace(",", "")) for n in SOURCE_NUMBER.findall(text)] + [
-        Decimal(n) for n in re.findall(r"\d+(?:\.\d+)?", text)  # "1,234" also read as 1 and 234
-    ]
+    return [Decimal(n.replace(",", "")) for n in SOURCE_NUMBER.findall(text)]
 
 
 def _output_text(output: dict) -> str:

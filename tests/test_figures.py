@@ -16,7 +16,8 @@ The convention (also in the README, under "Map"):
   repository root. Keep sources small (a narrow cell, a JSON subtree): a number is checked against
   every number of its sources, so a big source backs wrong digits by chance.
 - In a notebook's markdown cell the same marker quotes that notebook's own outputs: its source is
-  `#TAG` (a code cell of the same notebook) or a JSON file's path.
+  `#TAG`, a code cell of the same notebook (another notebook's cell, or a JSON file, by its path
+  from the repository root, where the text says it quotes them).
 - A marker closed by an end marker `<!-- /figures -->` (the next marker after it is the end
   marker) covers everything up to the end marker, blank lines and list items included. A marker
   left open covers the text after it up to the next blank line, list item or marker. Put it on the
@@ -125,13 +126,11 @@ class Figure:
 def source_numbers(spec: str, root: Path, notebook: str | None = None) -> list[Decimal]:
     """Every number of one source: `path.ipynb#tag` (that cell's text outputs) or `path.json[#a.b]`.
 
-    Inside a notebook (`notebook` set) a source `#tag` names a cell of that notebook.
+    Inside a notebook (`notebook` set) a source `#tag` names a cell of that notebook; a path names another file.
     """
     path_text, _, anchor = spec.partition("#")
     if notebook is not None and not path_text:
         path_text = notebook
-    elif notebook is not None and path_text.endswith(".ipynb"):
-        raise SourceError(f"{spec!r}: a notebook's markdown quotes its own cells, as #TAG")
     path = root / path_text
     if not path.is_file():
         raise SourceError(f"figure source {path_text!r} does not exist")
@@ -337,6 +336,24 @@ def test_every_figure_sits_in_a_block(name):
     assert not loose, f"{name} quotes figures outside any figures block:\n" + "\n".join(loose)
 
 
+NOTEBOOKS_UNMARKED_YET = {
+    "notebooks/06_taming_repetition.ipynb": "being rewritten under issue 22 (chapter 06)",
+    "notebooks/07_speculative_decoding.ipynb": "being rewritten under issue 22 (chapter 07)",
+    "notebooks/08_constrained_decoding.ipynb": "the lead's chapter 08, not yet marked",
+}
+
+
+@pytest.mark.parametrize(
+    "notebook",
+    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOTEBOOKS_UNMARKED_YET[name]))
+     if name in NOTEBOOKS_UNMARKED_YET else name for name in NOTEBOOKS],
+)
+def test_every_figure_of_notebook_markdown_sits_in_a_block(notebook):
+    loose = [f"cell {index}, line {f.line}: {f.number}: {text.splitlines()[f.line - 1].strip()[:120]}"
+             for index, text in markdown_cells(notebook).items() for f in figures(text) if f.block is None]
+    assert not loose, f"{notebook}'s markdown quotes figures outside any figures block:\n" + "\n".join(loose)
+
+
 # The mechanism itself, on a small synthetic note and notebook.
 
 
@@ -425,8 +442,8 @@ def test_notebook_markdown_quotes_its_own_cells(tmp_path):
     text = markdown_cells("nb.ipynb", tmp_path)[1]
     assert unbacked(text, tmp_path, "nb.ipynb") == []
     assert len(unbacked(text.replace("20.7", "20.8"), tmp_path, "nb.ipynb")) == 1
-    with pytest.raises(SourceError, match="its own cells"):
-        unbacked("<!-- figures: other.ipynb#table -->1", tmp_path, "nb.ipynb")
+    with pytest.raises(SourceError, match="tagged 'nosuchtag'"):
+        unbacked("<!-- figures: #nosuchtag -->1", tmp_path, "nb.ipynb")
 
 
 def test_what_counts_as_a_figure():

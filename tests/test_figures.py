@@ -102,6 +102,7 @@ class Quote:
     number: str
     unit: str
     sources: tuple[str, ...]
+    start: int = -1  # where the number begins in the text
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def quotes(markdown: str) -> list[Quote]:
         for match in QUOTED.finditer(plain, block.start, block.end):
             unit = (match["x"] or match["unit"] or "").strip()
             line = plain.count("\n", 0, match.start()) + 1
-            found.append(Quote(line, lines[line - 1].strip(), match["number"], unit, block.sources))
+            found.append(Quote(line, lines[line - 1].strip(), match["number"], unit, block.sources, match.start()))
     return found
 
 
@@ -263,6 +264,20 @@ def backed(quote: Quote, numbers: list[Decimal]) -> bool:
     )
 
 
+def quote_numbers(quote: Quote, root: Path, notebook: str | None = None,
+                  cache: dict[tuple[str, str | None], list[Decimal]] | None = None) -> list[Decimal]:
+    """The numbers of a quote's sources (`cache` keeps parsed sources between calls on the same files)."""
+    cache = {} if cache is None else cache
+    if not quote.sources:
+        raise SourceError(f"line {quote.line}: a figures marker names no source")
+    numbers = []
+    for spec in quote.sources:
+        if (spec, notebook) not in cache:
+            cache[spec, notebook] = source_numbers(spec, root, notebook)
+        numbers += cache[spec, notebook]
+    return numbers
+
+
 def unbacked(markdown: str, root: Path, notebook: str | None = None,
              cache: dict[tuple[str, str | None], list[Decimal]] | None = None) -> list[str]:
     """One line per quoted number that its source does not back; raises SourceError for a bad marker.
@@ -270,17 +285,9 @@ def unbacked(markdown: str, root: Path, notebook: str | None = None,
     `notebook` is the notebook whose markdown this is (its `#tag` sources); `cache` keeps parsed sources
     between calls on the same files.
     """
-    cache = {} if cache is None else cache
     problems = []
     for quote in quotes(markdown):
-        if not quote.sources:
-            raise SourceError(f"line {quote.line}: a figures marker names no source")
-        numbers = []
-        for spec in quote.sources:
-            if (spec, notebook) not in cache:
-                cache[spec, notebook] = source_numbers(spec, root, notebook)
-            numbers += cache[spec, notebook]
-        if not backed(quote, numbers):
+        if not backed(quote, quote_numbers(quote, root, notebook, cache)):
             problems.append(f"line {quote.line}: {quote.number}{quote.unit} is not in {' '.join(quote.sources)}: "
                             f"{quote.text[:120]}")
     return problems

@@ -3,13 +3,16 @@
 For every figure (tests/test_figures.py's definition) with three or more significant digits in
 README.md, sprint.md and the notes, each of its two neighbours one unit away in the last digit
 (12.34 -> 12.33 and 12.35; 1,234 -> 1,233 and 1,235) is written in its place, and every check of
-that file runs on the changed text, in-process: the figures blocks (tests/test_figures.py), the
-README's rendered speed table (tests/test_benchmark_table.py) and note 08's literal quotes
-(tests/test_note08_figures.py). A mutant is killed when some check fails. A file's score is the
-share of its mutants killed, and must be at least 95%; a figure outside every block is checked by
-nothing, so its mutants survive.
+that file runs on it, in-process: the figures blocks (tests/test_figures.py; the file is parsed
+once and each mutant is checked against its block's sources, which a test shows gives what
+re-checking the changed text gives), the README's rendered speed table
+(tests/test_benchmark_table.py) and note 08's literal quotes (tests/test_note08_figures.py), on the
+changed text. A mutant is killed when some check fails. A file's score is the share of its mutants
+killed, and must be at least 95%; a figure outside every block is checked by nothing, so its
+mutants survive. The notebooks' marked markdown quotes are scored the same way.
 
-Run `python tests/test_figure_mutants.py` to print every file's score and its surviving mutants.
+Run `python tests/test_figure_mutants.py` (`-v` for the surviving mutants) to print every file's
+score and how many of its numbers sit in `not figures` blocks.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ The convention (also in the README, under "Map"):
 
   A notebook source is `PATH#TAG`, where TAG is in that code cell's `metadata.tags`; its stored
   text outputs (stream text and `text/plain` results) are the source. A JSON source is `PATH` or
-  `PATH#a.b` (a subtree by keys, `%20` for a space, and by position in a list: `PATH#rows.0`); its values and keys are the
-  source. One marker may name several
-  sources, separated by spaces; a number may come from any of them. Paths are relative to the
-  repository root. Keep sources small (a narrow cell, a JSON subtree): a number is checked against
-  every number of its sources, so a big source backs wrong digits by chance.
+  `PATH#a.b`, a subtree by keys (`%20` for a space in a key) and by position in a list
+  (`PATH#rows.0`); its values and keys are the source. One marker may name several sources,
+  separated by spaces; a number may come from any of them. Paths are relative to the repository
+  root. Keep sources small (a narrow cell, a JSON subtree): a number is checked against every
+  number of its sources, so a big source backs wrong digits by chance.
 - In a notebook's markdown cell the same marker quotes that notebook's own outputs: its source is
   `#TAG`, a code cell of the same notebook (another notebook's cell, or a JSON file, by its path
   from the repository root, where the text says it quotes them).
@@ -34,10 +34,11 @@ The convention (also in the README, under "Map"):
 - A *figure* is a number outside code, comments and link targets, not part of a name, that has a
   decimal point, three or more significant digits, or a unit (`%`, `x`, `ms`, `MB`), and is not a
   year (1900-2099 written without a comma), a version (after a package's name, or `a.b.c`), a
-  setting (after a parameter's name, with or without `=`: temperature, p, k, T, ...) or a date. Every figure in
-  README.md, sprint.md and the notes sits in a block (`test_every_figure_sits_in_a_block`), or in
-  the README's speed table, which `benchmarks/suite.py` renders from its JSON and
-  `tests/test_benchmark_table.py` compares whole.
+  setting (after a parameter's name, with or without `=`: temperature, p, k, T, ...) or a date.
+  Every figure in README.md, sprint.md and the notes sits in a block
+  (`test_every_figure_sits_in_a_block`), or in the README's speed table, which
+  `benchmarks/suite.py` renders from its JSON and `tests/test_benchmark_table.py` compares whole;
+  so does every figure of the notebooks' markdown (`test_every_figure_of_notebook_markdown_sits_in_a_block`).
 - Numbers that no output prints and that are not measurements (a CLI's limits, a hand-made toy's
   probabilities, arithmetic the text shows) sit in a block opened by `<!-- not figures: REASON -->`
   (the reason is required; it ends as a figures block does). They are neither checked nor figures.

@@ -177,19 +177,7 @@ def notebook_mutation_score(notebook: str, root: Path = ROOT) -> tuple[Score, in
     return Score(notebook, killed, total, survivors), unmarked
 
 
-# Notebooks whose marked markdown is under the threshold today, with the reason (strict: one that reaches it must leave).
-NOTEBOOKS_UNDER_THRESHOLD_YET = {
-    "notes/06_taming_repetition.md": "being rewritten under issue 22: four figures outside any block (10/14)",
-    "notebooks/04_comparing_methods.ipynb": "its findings quote one table whose rows print neighbouring values "
-                                            "(0.876 and 0.877) and ties (12.85 backs 12.8 and 12.9): 102/110",
-}
-
-
-@pytest.mark.parametrize(
-    "notebook",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOTEBOOKS_UNDER_THRESHOLD_YET[name]))
-     if name in NOTEBOOKS_UNDER_THRESHOLD_YET else name for name in NOTEBOOKS],
-)
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
 def test_notebook_markdown_quotes_are_bound_tightly(notebook):
     score, unmarked = notebook_mutation_score(notebook)
     print(f"{score}; {unmarked} figures of its markdown unmarked")

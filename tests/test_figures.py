@@ -362,6 +362,24 @@ def test_every_figure_of_notebook_markdown_sits_in_a_block(notebook):
     assert not loose, f"{notebook}'s markdown quotes figures outside any figures block:\n" + "\n".join(loose)
 
 
+# A line that opens with an HTML comment is an HTML block in Markdown: text after the comment on that line
+# would lose its Markdown (a list item its bullet, `code` its formatting). Markers go after a bullet or at a line's end.
+COMMENT_THEN_TEXT = re.compile(r"^[ \t]*<!--(?:(?!-->).)*-->[ \t]*(?!<!--)\S", re.M)
+
+
+@pytest.mark.parametrize("name", PROSE + NOTEBOOKS)
+def test_no_line_opens_with_a_marker_and_goes_on(name):
+    texts = markdown_cells(name).values() if name.endswith(".ipynb") else [(ROOT / name).read_text()]
+    found = [match.group(0).strip() for text in texts for match in COMMENT_THEN_TEXT.finditer(text)]
+    assert not found, f"{name}: a marker opens a line of text (move it after the bullet or to the line before):\n" + \
+        "\n".join(found)
+
+
+def test_a_marker_that_opens_a_line_of_text_is_found():
+    assert COMMENT_THEN_TEXT.search("intro\n<!-- figures: a.json -->- *item* 1.5\n")
+    assert not COMMENT_THEN_TEXT.search("intro <!-- figures: a.json -->\n- <!-- figures: a.json --> *item* 1.5\n")
+
+
 # The mechanism itself, on a small synthetic note and notebook.
 
 

@@ -68,7 +68,7 @@ def machine() -> dict:
         "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
         "device": "cpu", "date": time.strftime("%Y-%m-%d"),
-        "bfloat16 instructions": bfloat16_instructions(),
+        "PyTorch kernels": torch.backends.cpu.get_cpu_capability(), "bfloat16 instructions": bfloat16_instructions(),
     }
 
 

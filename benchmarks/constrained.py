@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from outlines_core import Index
+from outlines_core import Guide, Index
 from outlines_core import Vocabulary as OutlinesVocabulary
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -87,25 +87,37 @@ class Engines:
     """The other libraries, each set up once for the tokenizer: build an index or grammar, and run a text's steps."""
 
     def __init__(self, tokenizer, vocab_size: int):
+        """Each library's one-time work for this tokenizer, timed (`setup_s`)."""
+        self.vocab_size = vocab_size
+        self.xgrammar = self.llguidance = None
+        self.setup_s: dict[str, float] = {}
+        start = time.perf_counter()
         vocabulary = vocabulary_of(tokenizer)
+        build_token_index(regex_automaton("a"), vocabulary)  # a trivial first index: it builds the token trie
+        self.setup_s["ours"] = time.perf_counter() - start
+        start = time.perf_counter()
         tokens: dict[bytes, list[int]] = {}
         for token_id, data in enumerate(vocabulary.token_bytes):
             if data is not None:
                 tokens.setdefault(data, []).append(token_id)
         self.outlines_vocabulary = OutlinesVocabulary(vocabulary.eos_token_id, tokens)
-        self.vocab_size = vocab_size
-        self.xgrammar = self.llguidance = None
+        self.eos_token_id = vocabulary.eos_token_id
+        self.setup_s["outlines-core"] = time.perf_counter() - start
         if available("xgrammar"):
             import xgrammar
 
+            start = time.perf_counter()
             info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
             self.xgrammar = (xgrammar, xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False))
+            self.setup_s["xgrammar"] = time.perf_counter() - start
         if available("llguidance"):
             import llguidance
             import llguidance.hf
             import llguidance.torch
 
+            start = time.perf_counter()
             self.llguidance = (llguidance, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size))
+            self.setup_s["llguidance"] = time.perf_counter() - start
 
     def builders(self, pattern: str) -> dict[str, Callable[[], object]]:
         out = {"outlines-core": lambda: Index(pattern, self.outlines_vocabulary)}
@@ -119,8 +131,23 @@ class Engines:
 
     def steppers(self, pattern: str, tokens: list[int]) -> dict[str, Callable[[], object]]:
         """Per call: make the matcher from the built grammar, then per token fill the bitmask, apply it, accept."""
-        out = {}
         logits = torch.randn(1, self.vocab_size)
+        index = Index(pattern, self.outlines_vocabulary)
+        words = (self.vocab_size + 31) // 32
+        shifts = torch.arange(32, dtype=torch.int32)
+
+        def run_outlines():  # its bitmask (32 tokens a word), applied as ours is: unpack, fill with -inf
+            guide = Guide(index)
+            bitmask = torch.zeros(1, words, dtype=torch.int32)
+            for token in tokens:
+                guide.write_mask_into(bitmask.data_ptr(), bitmask.numel(), 4)
+                allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(1, -1)[:, : self.vocab_size].bool()
+                logits.masked_fill(~allowed, -torch.inf)
+                assert allowed[0, token]
+                if token != self.eos_token_id:  # its guide ends in the final state, without taking end-of-text
+                    guide.advance(token)
+            assert guide.is_finished()
+        out = {"outlines-core": run_outlines}
         if self.xgrammar:
             out["xgrammar"] = self._xgrammar_steps(self.xgrammar[1].compile_regex(pattern), tokens)
         if self.llguidance:
@@ -276,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = gpt2_tokenizer()
     model = GPT2LMHeadModel(GPT2Config()).eval()
     vocab_size = model.config.vocab_size
-    engines = Engines(tokenizer, vocab_size)
+    engines = Engines(tokenizer, vocab_size)  # first: it times each library's one-time work for the tokenizer
     rows = [measure_pattern(name, pattern, text, tokenizer, engines, vocab_size, args.repeats)
             for name, (pattern, text) in PATTERNS.items()]
     step_ms = {b: decode_step_ms(model, tokenizer, b, args.steps, args.repeats) for b in (1, 8)}
@@ -288,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "conditions": args.conditions,
         "versions": {name: _version(name) for name in ("outlines-core", "xgrammar", "llguidance")},
+        "tokenizer_setup_s": engines.setup_s,
         "patterns": rows,
         "decode_step_ms": {str(b): ms for b, ms in step_ms.items()},
         "goals": goals(rows, step_ms),

@@ -136,3 +136,7 @@ def test_rejection_sampling_is_reproducible_and_checks_its_arguments(toy_model):
     assert first == rejection_sample(toy_model, PROMPT, index, 50, max_tokens=6, seed=7)
     with pytest.raises(ValueError, match="at least 1"):
         rejection_sample(toy_model, PROMPT, index, 0, max_tokens=6)
+    with pytest.raises(ValueError, match="at least one token"):
+        rejection_sample(toy_model, [], index, 5, max_tokens=6)
+    with pytest.raises(ValueError, match="at least one token"):
+        score_paths(toy_model, [], index, matching_paths(index, 6))

@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -59,59 +60,60 @@ def test_a_full_queue_refuses_at_once_and_the_rest_complete(slow_model_dir):
     assert sum(r["tokens"] == 200 for r in records) == 4 - len(refused) >= 2
 
 
-def test_a_client_that_leaves_stops_its_generation(slow_model_dir):
-    loaded = load_model(str(slow_model_dir), device="cpu")
-    steps = []
-    hook = loaded.model.register_forward_hook(lambda *_: steps.append(time.monotonic()))
+@contextmanager
+def served(loaded):
+    """The demo on a free local port, closed on the way out; yields its API's base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = launch(loaded, port=port, prevent_thread_lock=True)
-    url = f"http://127.0.0.1:{port}/gradio_api/call/generate"
     try:
-        with httpx.Client(timeout=60) as http:
+        yield f"http://127.0.0.1:{port}/gradio_api/call"
+    finally:
+        app.close()
+
+
+def call_and_leave(url: str, data: list, messages: int) -> list[str]:
+    """Call an API endpoint, read its first `messages` streamed data lines, then leave (close the stream)."""
+    with httpx.Client(timeout=60) as http:
+        event_id = http.post(url, json={"data": data}).json()["event_id"]
+        with http.stream("GET", f"{url}/{event_id}") as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data:"))
+            return [next(lines) for _ in range(messages)]
+
+
+def test_a_client_that_leaves_stops_its_generation(slow_model_dir):
+    loaded = load_model(str(slow_model_dir), device="cpu")
+    steps = []
+    hook = loaded.model.register_forward_hook(lambda *_: steps.append(time.monotonic()))
+    try:
+        with served(loaded) as api:
             data = ["Hi", "Greedy", 1.0, 50, 0.9, 256, 0, 1.0, 0, 0.0, 0.0, 0.6]
-            event_id = http.post(url, json={"data": data}).json()["event_id"]
-            with http.stream("GET", f"{url}/{event_id}") as response:
-                lines = (line for line in response.iter_lines() if line.startswith("data:"))
-                for _ in range(4):  # "Starting…", then three tokens
-                    next(lines)
-            # The client has left.
+            call_and_leave(f"{api}/generate", data, 4)  # "Starting…", then three tokens
             time.sleep(3)
             after_leaving = len(steps)
             time.sleep(2)
         assert len(steps) == after_leaving < 200, f"{len(steps)} forward passes: generation went on"
     finally:
         hook.remove()
-        app.close()
 
 
 def test_a_client_that_leaves_stops_its_constraints_build(tiny_model_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("GPT2GEN_CACHE", str(tmp_path))
     loaded = load_model(str(tiny_model_dir), device="cpu")
     pattern = "[a-z ]{300,600}"  # seconds to build: 600 states, about 17 million (state, token) pairs
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = launch(loaded, port=port, prevent_thread_lock=True)
-    url = f"http://127.0.0.1:{port}/gradio_api/call/structured"
-    try:
-        with httpx.Client(timeout=60) as http:
-            data = ["x", "Regular expression", pattern, "Greedy", 1.0, 0.9, 20, 0]
-            event_id = http.post(url, json={"data": data}).json()["event_id"]
-            with http.stream("GET", f"{url}/{event_id}") as response:
-                lines = (line for line in response.iter_lines() if line.startswith("data:"))
-                assert "Building" in next(lines)
-            # The client has left.
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and any(
-                    t.name == "gpt2gen-demo-structured" and t.is_alive() for t in threading.enumerate()):
-                time.sleep(0.1)
-        assert not any(t.name == "gpt2gen-demo-structured" and t.is_alive() for t in threading.enumerate()), \
-            "the build went on after the client left"
+
+    def building() -> bool:
+        return any(t.name == "gpt2gen-demo-structured" and t.is_alive() for t in threading.enumerate())
+
+    with served(loaded) as api:
+        first = call_and_leave(f"{api}/structured", ["x", "Regular expression", pattern, "Greedy", 1.0, 0.9, 20, 0], 1)
+        assert "Building" in first[0]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and building():
+            time.sleep(0.1)
+        assert not building(), "the build went on after the client left"
         assert cached_index(pattern, loaded.tokenizer) is None
-    finally:
-        app.close()
 
 
 @pytest.mark.parametrize("bad", [["--clients", "0"], ["--seconds", "0"], ["--requests", "0"]])

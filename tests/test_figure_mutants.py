@@ -45,8 +45,6 @@ THRESHOLD = 0.95
 UNDER_THRESHOLD_YET = {
     "notes/06_taming_repetition.md": "being rewritten under issue 22: four figures outside any block (10/14)",
     "notes/07_speculative_decoding.md": "being rewritten under issue 22: fails its figure checks as it is (0/312)",
-    "notes/08_constrained_decoding.md": "no figures markers: only tests/test_note08_figures.py's literal quotes bind "
-                                        "it (32/44)",
 }
 
 
@@ -89,20 +87,15 @@ def other_checks(name: str) -> list[Callable[[str], bool]]:
         suite = _load("test_benchmark_table").load_suite()
         results = json.loads((ROOT / "benchmarks" / "results" / "latest.json").read_text())
         checks.append(lambda text: suite.readme_with_table(text, results) == text)
-    if name in ("README.md", "notes/08_constrained_decoding.md"):
+    if name == "notes/08_constrained_decoding.md":
         note08 = _load("test_note08_figures")
-        pairs = next(m for m in note08.test_note_figures_are_the_notebooks.pytestmark if m.name == "parametrize").args[1]
-        key = "README" if name == "README.md" else "NOTE"
 
         def note08_checks(text: str) -> bool:
-            original = getattr(note08, key)
-            setattr(note08, key, text)
+            original, note08.NOTE = note08.NOTE, text
             try:
-                tables = _passes(note08.test_benchmark_figures_are_the_jsons)
-                return tables and all(_passes(lambda p=p: note08.test_note_figures_are_the_notebooks(*p))
-                                      for p in pairs) if key == "NOTE" else tables
+                return _passes(note08.test_benchmark_tables_are_the_jsons)
             finally:
-                setattr(note08, key, original)
+                note08.NOTE = original
 
         checks.append(note08_checks)
     return checks

@@ -328,7 +328,6 @@ def test_notebook_markdown_quotes_its_own_outputs(notebook):
 UNMARKED_YET = {
     "notes/06_taming_repetition.md": "being rewritten under issue 22 (chapter 06)",
     "notes/07_speculative_decoding.md": "being rewritten under issue 22 (chapter 07)",
-    "notes/08_constrained_decoding.md": "its figures are checked by tests/test_note08_figures.py, not by markers",
 }
 
 
@@ -347,7 +346,6 @@ def test_every_figure_sits_in_a_block(name):
 NOTEBOOKS_UNMARKED_YET = {
     "notebooks/06_taming_repetition.ipynb": "being rewritten under issue 22 (chapter 06)",
     "notebooks/07_speculative_decoding.ipynb": "being rewritten under issue 22 (chapter 07)",
-    "notebooks/08_constrained_decoding.ipynb": "the lead's chapter 08, not yet marked",
 }
 
 

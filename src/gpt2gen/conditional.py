@@ -76,7 +76,10 @@ class PathScores:
 
 def score_paths(model: PreTrainedModel, prompt_ids: Sequence[int], index: TokenIndex,
                 paths: Sequence[tuple[int, ...]], batch_size: int = 64) -> PathScores:
-    """Score every path after the prompt: one forward pass per batch of paths, no sampling."""
+    """Score every path after the prompt (at least one token): one forward pass per batch of paths."""
+    if not prompt_ids:
+        raise ValueError("score_paths needs a prompt of at least one token: the first path token's probability "
+                         "is read at the prompt's last position")
     model_lp, masked_lp = [], []
     longest = max(map(len, paths), default=0)
     for first in range(0, len(paths), batch_size):
@@ -129,6 +132,8 @@ def rejection_sample(model: PreTrainedModel, prompt_ids: Sequence[int], index: T
     """
     if num_samples < 1 or max_tokens < 1:
         raise ValueError("num_samples and max_tokens must be at least 1")
+    if not prompt_ids:
+        raise ValueError("rejection_sample needs a prompt of at least one token")
     generator = torch.Generator(device=model.device).manual_seed(seed)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
     accepted: list[tuple[int, tuple[int, ...]]] = []  # (draw number, path): kept in draw order, not finishing order

@@ -60,8 +60,9 @@ class DeviceIndex:
     """One index's tables on one device, built once per (index, vocabulary size, device) and then shared.
 
     The allowed sets are packed, one bit per token (`bits[state, t // 8] >> (t % 8) & 1`), as
-    XGrammar stores them: 808 states x 50,257 tokens take 5 MB instead of 40 MB of booleans. The
-    transitions are the sorted keys state * vocab + token with their next states.
+    XGrammar stores them: an eighth of a boolean table. The transitions are the sorted keys
+    state * vocab + token with their next states, 16 bytes per allowed (state, token) pair: for a
+    permissive pattern with many states they dominate (benchmarks/constrained.py reports both).
     """
 
     bits: torch.Tensor  # [states, ceil(vocab / 8)] uint8

@@ -144,7 +144,9 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def sides(model, tokenizer, prompts: list[str], settings: dict) -> dict[str, Callable[[], object]]:
-    from gpt2gen.generation import encode_prompts, generate
+    """Each side's timed call. Both start from the same token ids (tokenised here, outside the timing) and
+    stop at token ids (nothing is decoded to text): only the decoding loops are compared."""
+    from gpt2gen.generation import decode_steps, encode_prompts, make_generator
     from gpt2gen.sampling import SamplingParams
 
     params = SamplingParams(**settings)
@@ -152,8 +154,11 @@ def sides(model, tokenizer, prompts: list[str], settings: dict) -> dict[str, Cal
     kwargs = {"do_sample": False} if settings["temperature"] == 0.0 else {"do_sample": True} | settings
 
     def ours(cache: str) -> Callable[[], object]:
-        return lambda: generate(model, tokenizer, prompts, params, NEW_TOKENS, seed=0, stop_at_eos=False,
-                                cache_implementation=cache)
+        def run() -> None:
+            for _ in decode_steps(model, input_ids, attention_mask, params, NEW_TOKENS, make_generator(0, model.device),
+                                  cache_implementation=cache):
+                pass
+        return run
 
     def theirs(cache: str) -> Callable[[], object]:
         return lambda: model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS,

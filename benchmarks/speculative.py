@@ -16,15 +16,19 @@ What it writes to benchmarks/results/speculative.json:
   1 to 10, the package's `SuffixLookup` at 2 to 10) and the eight drafters of an ablation that
   switches `SuffixLookup`'s three changes on and off one at a time (which match, whether a one-token
   match drafts, fixed or adaptive length): target passes, passes that drafted, drafted tokens,
-  accepted tokens, passes with a rejection. Under greedy decoding these follow from the answer
+  accepted tokens, passes with a rejection; and what the chapter reads from them: tokens per pass,
+  accepted / drafted, alpha-hat (accepted among the tokens tested), and the modelled speed-up,
+  tokens / (passes + beta * drafted). Under greedy decoding these follow from the answer
   alone (each pass keeps the drafted prefix that equals the answer, then one token of the answer),
-  so they are replayed on the answer without the model; the timed runs below check the replay
-  against the real loop. On the story, the early-exit drafter (the target's first 15 or 22 layers)
-  runs for real.
-- **timings** (noisy: the file records the machine and its load): the package's plain loop,
-  `transformers`' `generate()` plain and with `prompt_lookup_num_tokens=10`, and the package's loop
-  with transformers' rule and with `SuffixLookup` at 10. The runs alternate (A B C ... A B C ...)
-  and each keeps its best time. Every text is checked equal to the plain loop's.
+  so they are replayed on the answer without the model; on every prompt the real loop, with
+  transformers' rule and with `SuffixLookup` at 10, is checked to give the plain loop's text and
+  the replayed counts.
+- **timings**, only with `--repeats N` (timings on a busy machine sit inside the noise; the file
+  records the machine and its load): the package's plain loop, `transformers`' `generate()` plain
+  and with `prompt_lookup_num_tokens=10`, the package's loop with transformers' rule and with
+  `SuffixLookup` at 10, and on the story the early-exit drafter (the target's first 15 or 22
+  layers, 3 guesses). The runs alternate (A B C ... A B C ...) and each keeps its best time. Every
+  text is checked equal to the plain loop's.
 """
 
 from __future__ import annotations
@@ -195,6 +199,19 @@ def counts_of(result: SpeculativeResult) -> dict:
             "passes with a rejection": sum(1 for b in result.blocks if b.accepted < len(b.drafted))}
 
 
+def with_ratios(counts: dict, beta: float) -> dict:
+    """Counts with what the chapter reads from them; the modelled cost of a pass over g + 1 tokens is 1 + beta * g."""
+    tested = counts["accepted"] + counts["passes with a rejection"]
+    equivalents = counts["passes"] + beta * counts["drafted"]
+    return counts | {
+        "tokens per pass": round(counts["tokens"] / counts["passes"], 3),
+        "accepted / drafted": round(counts["accepted"] / counts["drafted"], 4) if counts["drafted"] else None,
+        "alpha-hat (accepted / tested)": round(counts["accepted"] / tested, 4) if tested else None,
+        "pass-equivalents": round(equivalents, 2),
+        "modelled speed-up": round(counts["tokens"] / equivalents, 3),
+    }
+
+
 def pass_cost(model, input_ids: torch.Tensor, sizes: list[int], rounds: int) -> dict:
     """Median time of a pass over n new tokens after a cached prefix, relative to n = 1; the fitted slope beta."""
     cache = DynamicCache()
@@ -337,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             print("pass cost…", file=sys.stderr)
             results["pass cost"] = pass_cost(loaded.model, ids[:, : min(ids.shape[1], 160)], list(range(1, 12)),
                                              args.rounds)
+    beta = results["pass cost"]["beta"]
+    for entry in results["prompts"].values():
+        for table in ("counts", "ablation at 10"):
+            entry[table] = {name: with_ratios(c, beta) for name, c in entry[table].items()}
     if Path("/proc/loadavg").exists():
         results["load average at end (1, 5, 15 min)"] = Path("/proc/loadavg").read_text().split()[:3]
     args.output.parent.mkdir(parents=True, exist_ok=True)

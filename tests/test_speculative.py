@@ -339,15 +339,104 @@ def test_adaptive_prompt_lookup_keeps_the_target_distribution():
     assert chi_square_pvalue(counts, expected, runs) > 0.01
 
 
-@pytest.mark.parametrize("wrong_rule", [accept_always, resample_from_p])
-def test_the_same_check_rejects_a_wrong_acceptance_rule(target_and_expected, wrong_rule, monkeypatch):
+def sequence_distribution(model, prompt: list[int], length: int) -> dict[tuple[int, ...], float]:
+    """P(first `length` new tokens) under the target's warped distributions, enumerated exactly."""
+    out = {(): 1.0}
+    for _ in range(length):
+        grown = {}
+        for prefix, mass in out.items():
+            if mass == 0:
+                continue
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + list(prefix)])).logits[:, -1].float()
+            probs = torch.softmax(process_logits(logits, PARAMS), dim=-1)[0].double()
+            grown |= {prefix + (t,): mass * float(probs[t]) for t in range(VOCAB)}
+        out = grown
+    return out
+
+
+class RecordingLookup(SuffixLookup):
+    """SuffixLookup that records, at each pass, how many tokens were already produced and its draft length."""
+
+    def reset(self):
+        super().reset()
+        self.seen: list[tuple[int, int]] = []
+        self.start: int | None = None
+
+    def draft(self, sequence, count, params, generator):
+        if self.start is None:
+            self.start = sequence.shape[0]
+        self.seen.append((sequence.shape[0] - self.start, self.length))
+        return super().draft(sequence, count, params, generator)
+
+
+class PeekingLookup(RecordingLookup):
+    """A WRONG drafter: it drafts only when the pass's first random number is small, which it reads ahead
+    from the generator. Its length depends on the pass's own random numbers, not only on the past."""
+
+    def draft(self, sequence, count, params, generator):
+        ahead = torch.Generator().set_state(generator.get_state())
+        if float(torch.rand((), generator=ahead)) > 0.5:
+            count = 0
+        return super().draft(sequence, count, params, generator)
+
+
+ADAPTIVE_PROMPT = [0, 5, 4, 0, 0, 5, 4, 0]  # SuffixLookup copies "0 5 4 0"; the target starts with 0 (0.77), then often departs
+ADAPTIVE_TOKENS = 4
+
+
+def adaptive_runs(drafter: RecordingLookup, runs: int) -> tuple[Counter, list[tuple[int, int]]]:
+    """The first 4 sampled tokens of `runs` seeded generations of 6, and every (produced, draft length) seen."""
+    target = tiny_vocab_model(0)
+    generator = torch.Generator().manual_seed(0)
+    counts, seen = Counter(), []
+    for _ in range(runs):
+        blocks = speculative_steps(target, torch.tensor([ADAPTIVE_PROMPT]), drafter, PARAMS, 6, generator)
+        tokens = [t for b in blocks for t in b.tokens]
+        counts[tuple(tokens[:ADAPTIVE_TOKENS])] += 1
+        seen += drafter.seen
+    return counts, seen
+
+
+@pytest.fixture(scope="module")
+def adaptive_expected():
+    return sequence_distribution(tiny_vocab_model(0), ADAPTIVE_PROMPT, ADAPTIVE_TOKENS)
+
+
+def test_adaptive_length_keeps_the_distribution_beyond_the_first_two_tokens(adaptive_expected):
+    """The joint distribution of the first four tokens, where passes after the second token draft
+    lengths that earlier passes set (doubled after a full acceptance, halved after a rejection)."""
+    runs = 2000
+    counts, seen = adaptive_runs(RecordingLookup(4), runs)
+    later = {length for produced, length in seen if produced >= 2}
+    assert {1, 2, 4} <= later  # adaptation was at work beyond the first two tokens
+    assert chi_square_pvalue(counts, adaptive_expected, runs) > 0.01
+
+
+def test_the_same_check_rejects_a_length_that_peeks_at_the_pass_random_numbers(adaptive_expected):
+    runs = 2000
+    counts, _ = adaptive_runs(PeekingLookup(4), runs)
+    assert chi_square_pvalue(counts, adaptive_expected, runs) < 1e-6
+
+
+def test_accepting_every_guess_draws_what_the_target_never_would(target_and_expected, monkeypatch):
+    """The first wrong rule does not even need statistics: the draft model's top 4 tokens are not the
+    target's, and most runs start with a pair of tokens the target gives probability 0."""
     target, expected = target_and_expected
-    monkeypatch.setattr(speculative, "verify_sampled", wrong_rule)
+    monkeypatch.setattr(speculative, "verify_sampled", accept_always)
     runs = 1000
     counts = sampled_pairs(target, ModelDrafter(tiny_vocab_model(1), 2), runs, seed=0)
-    keys = [k for k, p in expected.items() if p > 0]
-    if sum(counts[k] for k in keys) < runs:
-        return  # drew a token the target never would: wrong beyond any statistics
+    impossible = runs - sum(counts[k] for k, p in expected.items() if p > 0)
+    assert impossible > runs // 2
+
+
+def test_resampling_from_p_fails_the_chi_square_test(target_and_expected, monkeypatch):
+    """The second wrong rule draws only pairs the target can produce, in the wrong proportions."""
+    target, expected = target_and_expected
+    monkeypatch.setattr(speculative, "verify_sampled", resample_from_p)
+    runs = 1000
+    counts = sampled_pairs(target, ModelDrafter(tiny_vocab_model(1), 2), runs, seed=0)
+    assert sum(counts[k] for k, p in expected.items() if p > 0) == runs
     assert chi_square_pvalue(counts, expected, runs) < 1e-6
 
 
@@ -366,29 +455,69 @@ def test_the_rule_alone_reproduces_p_on_a_toy_distribution():
     assert chisquare([counts[i] for i in range(3)], [runs * float(x) for x in p[0, :3]]).pvalue > 0.01
 
 
-# --- the note's figures are the benchmark's -------------------------------------------------------
+# --- the note's and the README's tables are the benchmark's -------------------------------------
 
 
-def benchmark_rows(results: dict) -> list[str]:
-    """The rows of note 07's table, formatted from benchmarks/results/speculative.json."""
-    rows = []
-    for kind, prompts in results["prompts"].items():
-        for title, entry in prompts.items():
-            for name, row in entry["runs"].items():
-                rate = f"{row['acceptance rate']:.0%}" if "acceptance rate" in row else "–"
-                plain = name in ("plain loop", "transformers generate")
-                per_pass = f"{row['tokens per pass']:.2f}" if "tokens per pass" in row else "1" if plain else "–"
-                rows.append(f"| {kind}: {title} | {name} | {row['tokens/s']:.1f} | "
-                            f"{row['speed-up vs plain loop']:.2f}x | {rate} | {per_pass} |")
-    return rows
-
-
-def test_note_07_table_is_the_stored_benchmark():
+def benchmark_results() -> dict:
     import json
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    results = json.loads((root / "benchmarks" / "results" / "speculative.json").read_text())
-    note = (root / "notes" / "07_speculative_decoding.md").read_text()
-    missing = [row for row in benchmark_rows(results) if row not in note]
-    assert not missing, f"note 07 differs from benchmarks/results/speculative.json, e.g. {missing[0]}"
+    return json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speculative.json").read_text())
+
+
+def modelled(counts: dict, beta: float) -> float:
+    """Tokens per one-token-pass equivalent: passes cost 1 each, every drafted token beta more."""
+    return counts["tokens"] / (counts["passes"] + beta * counts["drafted"])
+
+
+def alpha_hat(counts: dict) -> float:
+    """Accepted among the drafted tokens actually tested (each accepted one, and each pass's first rejected one)."""
+    return counts["accepted"] / (counts["accepted"] + counts["passes with a rejection"])
+
+
+def by_length_rows(results: dict) -> list[str]:
+    """The rows of note 07's table of counts by draft length."""
+    beta = results["pass cost"]["beta"]
+    rows = []
+    for title, entry in results["prompts"].items():
+        for name, c in entry["counts"].items():
+            rows.append(f"| {title} | {name} | {c['passes']} | {c['drafted']} | {c['accepted']} | "
+                        f"{c['accepted'] / c['drafted']:.0%} | {alpha_hat(c):.2f} | {c['tokens'] / c['passes']:.2f} | "
+                        f"{modelled(c, beta):.2f}x |")
+    return rows
+
+
+def ablation_rows(results: dict) -> list[str]:
+    """The rows of note 07's ablation table."""
+    beta = results["pass cost"]["beta"]
+    rows = []
+    for title, entry in results["prompts"].items():
+        for name, c in entry["ablation at 10"].items():
+            match, one_token, length = name.split(", ")
+            rows.append(f"| {title} | {match} | {one_token} | {length} | {c['passes']} | {c['drafted']} | {c['accepted']} | "
+                        f"{c['passes'] + beta * c['drafted']:.1f} | {modelled(c, beta):.2f}x |")
+    return rows
+
+
+def readme_rows(results: dict) -> list[str]:
+    """The rows of the README's speculative-decoding table."""
+    beta = results["pass cost"]["beta"]
+    rows = []
+    for title, entry in results["prompts"].items():
+        theirs, ours = entry["counts"]["prompt lookup 10"], entry["counts"]["suffix lookup 10"]
+        rows.append(f"| {title} | {entry['generated tokens']} | {theirs['passes']} | {ours['passes']} | "
+                    f"{theirs['drafted']} | {ours['drafted']} | {modelled(theirs, beta):.2f}x | {modelled(ours, beta):.2f}x |")
+    return rows
+
+
+@pytest.mark.parametrize(("document", "render"), [
+    ("notes/07_speculative_decoding.md", by_length_rows),
+    ("notes/07_speculative_decoding.md", ablation_rows),
+    ("README.md", readme_rows),
+])
+def test_the_tables_are_the_stored_benchmark(document, render):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / document).read_text()
+    missing = [row for row in render(benchmark_results()) if row not in text]
+    assert not missing, f"{document} differs from benchmarks/results/speculative.json, e.g. {missing[0]}"

@@ -302,8 +302,6 @@ def markdown_cells(notebook: str, root: Path = ROOT) -> dict[int, str]:
 
 # Quotes that a source does not back, in files being rewritten under issue 22 (strict: a mended file must leave).
 UNBACKED_YET = {
-    "notes/07_speculative_decoding.md": "being rewritten under issue 22: its end-marked list quotes 4.27x and 1.49x, "
-                                        "which speculative.json does not hold",
 }
 
 
@@ -327,7 +325,6 @@ def test_notebook_markdown_quotes_its_own_outputs(notebook):
 # Files whose figures are not all marked yet, each with the reason; strict, so a file that is done must leave the list.
 UNMARKED_YET = {
     "notes/06_taming_repetition.md": "being rewritten under issue 22 (chapter 06)",
-    "notes/07_speculative_decoding.md": "being rewritten under issue 22 (chapter 07)",
 }
 
 
@@ -345,7 +342,6 @@ def test_every_figure_sits_in_a_block(name):
 
 NOTEBOOKS_UNMARKED_YET = {
     "notebooks/06_taming_repetition.ipynb": "being rewritten under issue 22 (chapter 06)",
-    "notebooks/07_speculative_decoding.ipynb": "being rewritten under issue 22 (chapter 07)",
 }
 
 

@@ -146,7 +146,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                           help="subtract this per earlier occurrence in the generated text, in [-2, 2] (0 = off)")
     remedies.add_argument("--penalty_alpha", type=real_number, default=None,
                           help="contrastive search: weight in [0, 1] of the degeneration penalty, with --top_k "
-                               "candidates per step (its paper: --penalty_alpha 0.6 --top_k 4); deterministic")
+                               "candidates per step (its paper: --penalty_alpha 0.6 --top_k 8; Hugging Face's blog post used "
+                               "--top_k 4 for GPT-2 large); deterministic")
     structured = parser.add_mutually_exclusive_group()
     structured.add_argument("--regex", default=None,
                             help="constrained decoding: every sample's new text must match this regular expression "
@@ -332,7 +333,7 @@ def check_remedies(args: argparse.Namespace) -> None:
         return
     if args.top_k < 1:
         raise ValueError("penalty_alpha needs --top_k >= 1 candidates per step (its paper uses --penalty_alpha 0.6 "
-                         "--top_k 4)")
+                         "--top_k 8)")
     if sampled := [flag for flag, on in (("--use_temperature", args.use_temperature), ("--use_nucleus", args.use_nucleus),
                                          ("--temperature", args.temperature is not None),
                                          ("--top_p", args.top_p is not None)) if on]:

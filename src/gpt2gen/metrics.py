@@ -2,8 +2,11 @@
 
 Perplexity (how likely the model finds the text), distinct-n and Self-BLEU-4 (diversity),
 repetition (share of generations stuck in a loop at the end), the Zipf coefficient (how the
-token frequencies fall off with rank) and mean length; and how uncertain each of them is when
-measured on a few generations (`bootstrap_interval`, `jackknife_interval`, `proportion_interval`).
+token frequencies fall off with rank) and mean length; rep-n and diversity as Su et al. (2022)
+measured them (repetition inside each generation); and how uncertain each of them is when
+measured on a few generations (`bootstrap_interval`, `jackknife_interval`, `proportion_interval`),
+or how uncertain a difference between two methods run on the same prompts is
+(`paired_bootstrap_interval`, `mcnemar_exact`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,42 @@ def distinct_n_terms(token_lists: Sequence[Tokens], n: int) -> list[tuple[int, i
         seen |= new
         terms.append((len(new), len(grams)))
     return terms
+
+
+def rep_n_terms(token_lists: Sequence[Tokens], n: int) -> list[tuple[int, int]]:
+    """Each generation's (distinct n-grams within it, n-grams in it), the terms of `rep_n`."""
+    terms = []
+    for tokens in token_lists:
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        terms.append((len(set(grams)), len(grams)))
+    return terms
+
+
+def rep_n_of(terms: Sequence[tuple[int, int]]) -> float:
+    """rep-n in % from `rep_n_terms`: 100 * (1 - sum of distinct / sum of all); NaN without n-grams."""
+    total = sum(t[1] for t in terms)
+    return 100.0 * (1.0 - sum(t[0] for t in terms) / total) if total else float("nan")
+
+
+def rep_n(token_lists: Sequence[Tokens], n: int) -> float:
+    """rep-n (Su et al., 2022; Welleck et al., 2020), in %: the share of n-grams that repeat one earlier in their own generation.
+
+    Unlike distinct-n, an n-gram shared by two generations is no repeat: it measures how much each
+    text repeats itself, a sentence written twice included (which `repeating_loop` misses unless
+    the copies end the text back to back). Counted on the model's tokens (the paper split words
+    at spaces): 0 = no n-gram occurs twice in a generation.
+    """
+    return rep_n_of(rep_n_terms(token_lists, n))
+
+
+def diversity_of(terms_by_n: Sequence[Sequence[tuple[int, int]]]) -> float:
+    """Diversity from the rep-n terms of n = 2, 3, 4: the product of (1 - rep-n / 100)."""
+    return math.prod(1.0 - rep_n_of(terms) / 100.0 for terms in terms_by_n)
+
+
+def diversity(token_lists: Sequence[Tokens]) -> float:
+    """Diversity (Su et al., 2022): (1 - rep-2) * (1 - rep-3) * (1 - rep-4), rep-n as shares; 1 = no repeats."""
+    return diversity_of([rep_n_terms(token_lists, n) for n in (2, 3, 4)])
 
 
 def repeating_loop(tokens: Tokens, max_phrase: int = 90) -> tuple[int, int] | None:
@@ -208,3 +247,42 @@ def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float
     centre = (share + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z * math.sqrt(share * (1 - share) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
     return (0.0 if k == 0 else float(centre - half)), (1.0 if k == n else float(centre + half))
+
+
+def paired_bootstrap_interval(
+    first: Sequence[Item], second: Sequence[Item], statistic: Callable[[list[Item]], float],
+    confidence: float = 0.95, resamples: int = 2000, seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of statistic(first) - statistic(second), items paired by position.
+
+    `first[i]` and `second[i]` come from the same prompt (two methods run on the same prompts):
+    every resample draws prompts, and both methods' items of each drawn prompt. What a prompt does
+    to both methods alike (an easy prompt, a hard one) cancels in the difference, so the interval
+    is narrower than the two methods' own intervals suggest. An interval that excludes 0 separates
+    the methods at this confidence. Seeded, so the same every run.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"paired data needs as many items in both groups, got {len(first)} and {len(second)}")
+    pairs = list(zip(first, second))
+
+    def difference(sample: list[tuple[Item, Item]]) -> float:
+        return statistic([a for a, _ in sample]) - statistic([b for _, b in sample])
+
+    return bootstrap_interval(pairs, difference, confidence, resamples, seed)
+
+
+def mcnemar_exact(first: Sequence[bool], second: Sequence[bool]) -> tuple[int, int, float]:
+    """McNemar's exact test for paired yes/no outcomes (a generation loops or not, two methods, same prompts).
+
+    Returns (b, c, p): b prompts where only `first` is True, c where only `second` is, and the
+    two-sided p-value of the hypothesis that both methods have the same rate: under it each of the
+    b + c discordant prompts is a fair coin, p = min(1, 2 * P(Binomial(b + c, 1/2) <= min(b, c))).
+    Prompts where both agree carry no information about the difference.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"paired data needs as many items in both groups, got {len(first)} and {len(second)}")
+    b = sum(bool(x) and not bool(y) for x, y in zip(first, second))
+    c = sum(bool(y) and not bool(x) for x, y in zip(first, second))
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return b, c, min(1.0, 2.0 * tail)

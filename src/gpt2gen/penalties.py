@@ -1,9 +1,12 @@
 """Repetition remedies as pure functions on the tokens so far and a batch of scores `[batch, vocab]`.
 
-- `apply_repetition_penalty`: the CTRL rule (Keskar et al., 2019) exactly as `transformers`'
+- `apply_repetition_penalty`: the penalty of CTRL (Keskar et al., 2019) exactly as `transformers`'
   `RepetitionPenaltyLogitsProcessor` applies it: every token already in the sequence (prompt and
   new tokens, left padding ignored) has its logit divided by the penalty if positive, multiplied
-  by it if negative; once per token, however often it occurred. 1.0 = off.
+  by it if negative; once per token, however often it occurred. 1.0 = off. CTRL itself divides
+  by the penalty whatever the sign; the branch for negative logits is `transformers`' fix (issue
+  #2302, 2019: dividing a negative logit raises the token's probability). In beam search `transformers`
+  applies it to log-probabilities, which are all negative: there it always multiplies.
 - `no_repeat_ngram_filter`: as `NoRepeatNGramLogitsProcessor`: a token that would complete an
   n-gram already present in the sequence (prompt included) gets -inf. 0 = off.
 - `apply_presence_frequency_penalty`: the OpenAI convention (also vLLM's): subtract

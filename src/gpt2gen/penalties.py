@@ -43,10 +43,7 @@ def apply_repetition_penalty(
     column = per_row(penalty, scores, torch.float64)
     if bool((column == 1.0).all()):
         return scores
-    # As transformers multiplies by a Python float: in float32 (float64 for float64 scores), rounded once to
-    # the scores' type, never with the penalty itself rounded to float16 or bfloat16 first.
-    compute = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    column = column.to(compute)
+    column = column.to(scores.dtype)  # a Python float multiplies a float32 tensor as its float32 copy
     vocab = scores.shape[-1]
     if ignore_length is not None:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -55,8 +52,7 @@ def apply_repetition_penalty(
     input_ids = input_ids.clamp(max=vocab)
     padded = torch.nn.functional.pad(scores, (0, 1))
     score = padded.gather(1, input_ids)
-    score = score.to(compute)
-    score = torch.where(score < 0, score * column, score / column).to(scores.dtype)
+    score = torch.where(score < 0, score * column, score / column)
     return padded.scatter(1, input_ids, score)[..., :vocab]
 
 

@@ -41,8 +41,6 @@ from test_figures import (
 )
 
 THRESHOLD = 0.95
-# Files under the threshold today, each with the reason; strict, so a file that reaches it must leave the list.
-UNDER_THRESHOLD_YET: dict[str, str] = {}
 
 
 def significant_digits(number: str) -> int:
@@ -181,11 +179,7 @@ def test_notebook_markdown_quotes_are_bound_tightly(notebook):
     assert score.share >= THRESHOLD, f"{score}, under {THRESHOLD:.0%}; surviving mutants:\n" + "\n".join(score.survivors)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=UNDER_THRESHOLD_YET[name]))
-     if name in UNDER_THRESHOLD_YET else name for name in PROSE],
-)
+@pytest.mark.parametrize("name", PROSE)
 def test_one_unit_changes_to_quoted_figures_fail_the_checks(name):
     score = mutation_score(name)
     print(score)

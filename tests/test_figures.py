@@ -300,15 +300,7 @@ def markdown_cells(notebook: str, root: Path = ROOT) -> dict[int, str]:
     return {index: "".join(cell["source"]) for index, cell in enumerate(cells) if cell["cell_type"] == "markdown"}
 
 
-# Quotes that a source does not back, in files being rewritten under issue 22 (strict: a mended file must leave).
-UNBACKED_YET: dict[str, str] = {}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=UNBACKED_YET[name])) if name in UNBACKED_YET
-     else name for name in PROSE],
-)
+@pytest.mark.parametrize("name", PROSE)
 def test_every_quoted_figure_matches_its_source(name):
     problems = unbacked((ROOT / name).read_text(), ROOT)
     assert not problems, f"{name} quotes figures its sources no longer show:\n" + "\n".join(problems)
@@ -321,15 +313,7 @@ def test_notebook_markdown_quotes_its_own_outputs(notebook):
     assert not problems, f"{notebook}'s markdown quotes figures its outputs no longer show:\n" + "\n".join(problems)
 
 
-# Files whose figures are not all marked yet, each with the reason; strict, so a file that is done must leave the list.
-UNMARKED_YET: dict[str, str] = {}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=UNMARKED_YET[name])) if name in UNMARKED_YET
-     else name for name in PROSE],
-)
+@pytest.mark.parametrize("name", PROSE)
 def test_every_figure_sits_in_a_block(name):
     text = (ROOT / name).read_text()
     lines = text.splitlines()
@@ -337,14 +321,7 @@ def test_every_figure_sits_in_a_block(name):
     assert not loose, f"{name} quotes figures outside any figures block:\n" + "\n".join(loose)
 
 
-NOTEBOOKS_UNMARKED_YET: dict[str, str] = {}
-
-
-@pytest.mark.parametrize(
-    "notebook",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOTEBOOKS_UNMARKED_YET[name]))
-     if name in NOTEBOOKS_UNMARKED_YET else name for name in NOTEBOOKS],
-)
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
 def test_every_figure_of_notebook_markdown_sits_in_a_block(notebook):
     loose = [f"cell {index}, line {f.line}: {f.number}: {text.splitlines()[f.line - 1].strip()[:120]}"
              for index, text in markdown_cells(notebook).items() for f in figures(text) if f.block is None]

@@ -14,9 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpt2gen import generation
 from gpt2gen.constraints import regex_constraint
 from gpt2gen.generation import generate
+from gpt2gen.processors import LogitsPipeline
 from gpt2gen.sampling import SamplingParams
 
 # Patterns that n-gram blocking can starve (a long run of one character) and ordinary ones.
@@ -113,8 +113,7 @@ def test_a_blocked_row_leaves_the_other_rows_as_they_were(tiny_model, tokenizer,
 
 def test_wrong_twin_without_the_mask_is_caught(tiny_model, tokenizer, constraints, monkeypatch):
     """The checker has power: a loop that forgets the mask is found out on the first example."""
-    monkeypatch.setattr(generation, "allowed_scores",
-                        lambda logits, sequence, params, prompt_length, padding, mask: logits)
+    monkeypatch.setattr(LogitsPipeline, "process", lambda self, scores: scores)
     constraint = constraints["[0-9]{2,12}"]
     params = SamplingParams(temperature=1.0)
     assert violations(run(tiny_model, tokenizer, constraint, "x", params, 0), constraint, params,
@@ -123,8 +122,7 @@ def test_wrong_twin_without_the_mask_is_caught(tiny_model, tokenizer, constraint
 
 def test_wrong_twin_without_ngram_blocking_is_caught(tiny_model, tokenizer, constraints, monkeypatch):
     """... and a loop that applies the mask but drops n-gram blocking repeats an n-gram."""
-    monkeypatch.setattr(generation, "allowed_scores",
-                        lambda logits, sequence, params, prompt_length, padding, mask: mask(logits))
+    monkeypatch.setattr(LogitsPipeline, "process", lambda self, scores: self.mask(scores))
     constraint = constraints["x{40}"]
     params = SamplingParams(temperature=0.0, no_repeat_ngram_size=1)
     assert violations(run(tiny_model, tokenizer, constraint, "x", params, 0), constraint, params,

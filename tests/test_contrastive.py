@@ -15,7 +15,7 @@ PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the l
 def ours(model, tokenizer, prompts, penalty_alpha, top_k, steps, eos_token_id=None) -> torch.Tensor:
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, model.device)
     params = SamplingParams(penalty_alpha=penalty_alpha, top_k=top_k)
-    new = [t for t, _, _, _ in contrastive_decode(model, input_ids, attention_mask, params, steps, eos_token_id=eos_token_id)]
+    new = [t for t, *_ in contrastive_decode(model, input_ids, attention_mask, params, steps, eos_token_id=eos_token_id)]
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
 

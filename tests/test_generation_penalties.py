@@ -88,7 +88,7 @@ def test_presence_and_frequency_change_greedy_text_and_spare_the_prompt(tiny_mod
 def test_generate_dispatches_to_contrastive_search(tiny_model, tokenizer):
     params = SamplingParams(penalty_alpha=0.6, top_k=4, repetition_penalty=1.2)
     input_ids, attention_mask = encode_prompts(tokenizer, PROMPTS, tiny_model.device)
-    direct = [t for t, _, _, _ in contrastive_decode(tiny_model, input_ids, attention_mask, params, 12,
+    direct = [t for t, *_ in contrastive_decode(tiny_model, input_ids, attention_mask, params, 12,
                                                       eos_token_id=tokenizer.eos_token_id,
                                                       pad_token_id=tokenizer.pad_token_id)]
     ours = generate(tiny_model, tokenizer, PROMPTS, params, max_new_tokens=12)

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpt2gen.generation import decode_steps, encode_prompts, generate, stream
-from gpt2gen.sampling import SamplingParams, select_tokens
+from gpt2gen.constraints import TokenMask, regex_constraint
+from gpt2gen.generation import Chooser, decode_steps, encode_prompts, generate, stream
+from gpt2gen.processors import LogitsPipeline
+from gpt2gen.sampling import SamplingParams
 from gpt2gen.static_cache import StaticDecoder, resolve_cache_implementation, static_decode_steps
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
@@ -17,10 +19,8 @@ PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the l
 
 def static_tokens(model, input_ids, attention_mask, params, steps, seed=None, **kwargs):
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    out = list(static_decode_steps(
-        model, input_ids, attention_mask, steps, lambda logits: select_tokens(logits, params, generator),
-        generator, **kwargs,
-    ))
+    chooser = Chooser(params, LogitsPipeline(params, input_ids, attention_mask, input_ids.shape[1] + steps), generator)
+    out = list(static_decode_steps(model, input_ids, attention_mask, steps, chooser, generator, **kwargs))
     return out, torch.cat([input_ids, torch.stack([s.tokens for s in out], dim=1)], dim=1)
 
 
@@ -143,17 +143,26 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_static_step_never_waits_for_the_host(tiny_model, tokenizer):
-    """What a CUDA graph needs: after the prompt, a step (forward, warping, draw, EOS bookkeeping, advancing
-    the buffers) reads nothing back to the host, with per-row settings and left padding."""
+@pytest.mark.parametrize("processors", [False, True], ids=["warpers", "warpers, remedies and a constraint"])
+def test_a_static_step_never_waits_for_the_host(tiny_model, tokenizer, processors):
+    """What a CUDA graph needs: after the prompt, a step (forward, the processors, warping, draw, EOS
+    bookkeeping, advancing the buffers) reads nothing back to the host, with per-row settings and left padding."""
     input_ids, attention_mask = encode_prompts(tokenizer, PROMPTS, tiny_model.device)
-    params = SamplingParams(temperature=[0.0, 0.9, 1.2], top_k=[0, 40, 20], top_p=[1.0, 0.9, 0.95], min_p=0.01)
-    # As resolved on an accelerator: the fused top-k/top-p filter checks its data, so it runs on the CPU only.
-    resolved = dataclasses.replace(params.resolve(torch.zeros(3, 50257)), fused=False)
+    remedies = dict(repetition_penalty=[1.0, 1.3, 1.2], presence_penalty=0.5, frequency_penalty=[0.0, 0.2, 0.1],
+                    no_repeat_ngram_size=[2, 0, 3]) if processors else {}
+    params = SamplingParams(temperature=[0.0, 0.9, 1.2], top_k=[0, 40, 20], top_p=[1.0, 0.9, 0.95], min_p=0.01,
+                            **remedies)
+    mask = None
+    if processors:
+        constraint = regex_constraint("[a-z ]{1,40}", tokenizer)
+        mask = TokenMask([constraint, None, constraint], tiny_model.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
+    chooser = Chooser(params, LogitsPipeline(params, input_ids, attention_mask, input_ids.shape[1] + 8, mask),
+                      generator)
+    # As resolved on an accelerator: the fused top-k/top-p filter checks its data, so it runs on the CPU only.
+    chooser.resolved = dataclasses.replace(params.resolve(torch.zeros(3, 50257)), fused=False)
     with torch.inference_mode():
-        decoder = StaticDecoder(tiny_model, input_ids, attention_mask, 8, lambda logits: resolved.select(logits, generator),
-                                eos_token_id=50256, pad_token_id=0)
+        decoder = StaticDecoder(tiny_model, input_ids, attention_mask, 8, chooser, eos_token_id=50256, pad_token_id=0)
         decoder.prefill()
         with HostReads() as reads:
             decoder.step()
@@ -165,11 +174,29 @@ def test_a_static_step_never_waits_for_the_host(tiny_model, tokenizer):
     assert reads.calls == ["item"]  # the recorder does see a read when there is one
 
 
-def test_the_repetition_remedies_keep_the_dynamic_cache(tiny_model, tokenizer):
-    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, no_repeat_ngram_size=2)
-    with pytest.raises(ValueError, match="static cache takes neither"):
-        generate(tiny_model, tokenizer, "The fox is", params, 4, cache_implementation="static")
-    auto = generate(tiny_model, tokenizer, "The fox is", params, 8)
-    reference = tiny_model.generate(**tokenizer("The fox is", return_tensors="pt"), do_sample=False, max_new_tokens=8,
-                                    repetition_penalty=1.3, no_repeat_ngram_size=2)
-    assert auto.sequences[0].tolist() == reference[0].tolist()
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "seeded sampling"])
+def test_the_static_cache_takes_the_repetition_remedies(tiny_model, tokenizer, do_sample):
+    """The remedies run in the static step (no longer a refusal): token-identical to `generate`."""
+    remedies = dict(repetition_penalty=1.3, no_repeat_ngram_size=2)
+    warpers = dict(temperature=0.9, top_k=20) if do_sample else dict(temperature=0.0)
+    input_ids, attention_mask = encode_prompts(tokenizer, PROMPTS, tiny_model.device)
+    torch.manual_seed(3)
+    expected = tiny_model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=do_sample,
+                                   max_new_tokens=16, **remedies, **(warpers if do_sample else {}))
+    ours = generate(tiny_model, tokenizer, PROMPTS, SamplingParams(**warpers, **remedies), 16, seed=3,
+                    cache_implementation="static")
+    assert torch.equal(ours.sequences, expected)
+
+
+def test_static_without_scores_copies_none(tiny_model, tokenizer):
+    """Nobody asked for the logits and scores: the static step keeps no copy, and the tokens are the same."""
+    params = SamplingParams(temperature=0.8, top_k=40)
+    with_scores = generate(tiny_model, tokenizer, PROMPTS, params, 10, seed=1, cache_implementation="static",
+                           output_scores=True)
+    without = generate(tiny_model, tokenizer, PROMPTS, params, 10, seed=1, cache_implementation="static")
+    assert without.logits == [] and len(with_scores.logits) == 10
+    assert torch.equal(without.sequences, with_scores.sequences)
+    input_ids, attention_mask = encode_prompts(tokenizer, PROMPTS, tiny_model.device)
+    steps = list(decode_steps(tiny_model, input_ids, attention_mask, params, 3, cache_implementation="static",
+                              output_scores=False))
+    assert all(step.logits is None and step.scores is None for step in steps)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .generation import encode_prompts
+from .constraints import Constraint
+from .generation import constraint_mask, encode_prompts
 from .loading import context_length
-from .penalties import apply_penalties, left_padding
+from .processors import LogitsPipeline
 from .sampling import SamplingParams
 
 NEG = -1.0e9  # "impossible" score, as in transformers
@@ -56,6 +57,7 @@ def beam_search(
     no_repeat_ngram_size: int = 0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    constraint: Constraint | Sequence[Constraint | None] | None = None,
 ) -> BeamResult:
     """Beam search for each prompt, with `generate`'s `length_penalty` and `early_stopping` semantics.
 
@@ -63,7 +65,9 @@ def beam_search(
     soon as `num_beams` hypotheses are finished; False stops when a heuristic says no running beam
     can do better; "never" stops only when that is certain. The repetition remedies (`penalties.py`)
     act, as in `generate`, on each beam's log-probabilities: all negative, so the repetition penalty
-    always multiplies them.
+    always multiplies them. A `constraint` (one, or one per prompt) masks every beam's forbidden
+    tokens: a hypothesis that ends with EOS matches its pattern in full. The processors run on the
+    pipeline every strategy shares (`processors.py`), its state reordered with the beams.
     """
     if num_beams < 2:
         raise ValueError(f"num_beams must be at least 2, got {num_beams} (one beam is greedy decoding: use "
@@ -89,7 +93,10 @@ def beam_search(
     flat_ids = input_ids.repeat_interleave(num_beams, dim=0)
     flat_mask = attention_mask.repeat_interleave(num_beams, dim=0)
     positions = (flat_mask.cumsum(-1) - 1).masked_fill(flat_mask == 0, 0)
-    padding = left_padding(flat_mask) if remedies.penalizes else None
+    mask = constraint_mask(model, constraint, batch, eos)
+    if mask is not None:
+        mask.states = mask.states.repeat_interleave(num_beams)  # every beam starts where its prompt does
+    pipeline = LogitsPipeline(remedies, flat_ids, flat_mask, max_length, mask)
     padded = not bool(flat_mask.all())
     running = torch.full((batch, num_beams, max_length), pad, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids[:, None, :]
@@ -108,10 +115,7 @@ def beam_search(
         with torch.inference_mode():
             out = model(input_ids=step_input, attention_mask=flat_mask if padded else None,
                         position_ids=step_positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        if remedies.penalizes:
-            sequences = running[:, :, :cur_len].reshape(batch * num_beams, cur_len)
-            log_probs = apply_penalties(sequences, log_probs, remedies, prompt_len, padding)
+        log_probs = pipeline.process(torch.log_softmax(out.logits[:, -1].float(), dim=-1))
         vocab = log_probs.shape[-1]
         totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
 
@@ -153,6 +157,8 @@ def beam_search(
             break
 
         cache.reorder_cache(parents)
+        pipeline.reorder(parents)
+        pipeline.advance(running[:, :, cur_len].reshape(-1))
         step_input = running[:, :, cur_len].reshape(-1, 1)
         step_positions = step_positions[:, -1:] + 1
         if padded:

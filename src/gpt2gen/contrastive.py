@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .penalties import apply_penalties, left_padding
+from .processors import LogitsPipeline
 from .sampling import SamplingParams, per_row
 
 
@@ -58,12 +58,15 @@ def contrastive_decode(
     steps: int,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (tokens, raw logits, processed scores, finished) for each of `steps` new tokens.
+    pipeline: LogitsPipeline | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (tokens, raw logits, processed scores, finished, blocked) for each of `steps` new tokens.
 
-    Uses `params.penalty_alpha` and `params.top_k` (one value or one per row) and the repetition
-    remedies of `params`, which turn the raw logits into the scores whose softmax gives the
-    candidates' probabilities; the warpers (temperature, top-p, ...) do not apply. `input_ids` is
+    Uses `params.penalty_alpha` and `params.top_k` (one value or one per row). The `pipeline` (made
+    from `params` when None: the repetition remedies; a constraint's mask when it has one) turns the
+    raw logits into the scores whose softmax gives the candidates' probabilities; a candidate it
+    forbids (probability 0) is never chosen, and a row left with none ends "blocked". The warpers
+    (temperature, top-p, ...) have no meaning here (`SamplingParams` refuses them). `input_ids` is
     left-padded as `attention_mask` says. Rows that produced EOS continue with the pad token, as in
     `generate`.
     """
@@ -88,13 +91,19 @@ def contrastive_decode(
     context_mask = attention_mask.bool()
     del out
     positions = position_ids[:, -1:] + 1
-    sequence, prompt_length = input_ids, input_ids.shape[1]
-    padding = left_padding(attention_mask) if params.penalizes else None
+    if pipeline is None:
+        pipeline = LogitsPipeline(params, input_ids, attention_mask, input_ids.shape[1] + steps)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    blocked = torch.zeros_like(unfinished)
 
     for _ in range(steps):
-        scores = apply_penalties(sequence, logits, params, prompt_length, padding) if params.penalizes else logits
+        scores, empty = pipeline.cut(logits)
+        if empty is not None:
+            blocked |= empty & unfinished
+            unfinished &= ~empty
         top_probs, top_ids = torch.softmax(scores, dim=-1).topk(width, dim=-1)  # [batch, width]
+        # A forbidden token (probability 0) is no candidate.
+        excluded = too_many | (top_probs == 0) if pipeline.may_block else too_many
         cache.batch_repeat_interleave(width)
         mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
         with torch.inference_mode():
@@ -106,19 +115,19 @@ def contrastive_decode(
             )
         hidden = out.hidden_states[-1][:, -1].float().view(batch, width, -1)
         ranking = contrastive_scores(top_probs, degeneration_penalty(hidden, context, context_mask), alpha)
-        chosen = ranking.masked_fill(too_many, -math.inf).argmax(dim=-1)  # [batch]
+        chosen = ranking.masked_fill(excluded, -math.inf).argmax(dim=-1)  # [batch]
         cache.batch_select_indices(rows * width + chosen)
         tokens = top_ids[rows, chosen]
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+        pipeline.advance(tokens)
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
-        yield tokens, logits, scores, ~unfinished
+        yield tokens, logits, scores, ~unfinished, blocked.clone()
         if not bool(unfinished.any()):
             return
         logits = out.logits[:, -1].float().view(batch, width, -1)[rows, chosen]
         del out
         context = torch.cat([context, hidden[rows, chosen][:, None]], dim=1)
         context_mask = torch.cat([context_mask, torch.ones_like(context_mask[:, :1])], dim=-1)
-        sequence = torch.cat([sequence, tokens[:, None]], dim=-1)
         attention_mask = mask
         positions = positions + 1

@@ -8,12 +8,12 @@ same seed it produces the same tokens. The repetition remedies of the settings (
 on the raw logits before the warpers, with the tokens so far, as `generate`'s logits processors do;
 penalty_alpha > 0 switches the loop to contrastive search (`contrastive.py`).
 
-What may cut a token, in the one order every step applies (`allowed_scores`): the penalties change
-values (repetition, presence, frequency), n-gram blocking cuts, then the constraint's mask cuts;
-the warpers (top-k, top-p, min-p, typical) come after and always keep at least one token that is
-still allowed. When the cuts leave a row no token at all (n-gram blocking and the constraint
-together can), the row ends there with the finish reason "blocked": it never draws a forbidden
-token, and the draw of the other rows is unchanged.
+What may cut a token, in the one order every step applies (`processors.LogitsPipeline`, shared by
+every strategy and cache): the penalties change values (repetition, presence, frequency), n-gram
+blocking cuts, then the constraint's mask cuts; the warpers (top-k, top-p, min-p, typical) come
+after and always keep at least one token that is still allowed. When the cuts leave a row no
+token at all (n-gram blocking and the constraint together can), the row ends there with the finish
+reason "blocked": it never draws a forbidden token, and the draw of the other rows is unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .constraints import Constraint, TokenMask
 from .contrastive import contrastive_decode
 from .loading import context_length
-from .penalties import apply_penalties, left_padding
+from .processors import LogitsPipeline
 from .sampling import SamplingParams
 from .static_cache import resolve_cache_implementation, static_decode_steps
 
@@ -39,8 +39,8 @@ class Step:
     """One decoding step for the whole batch."""
 
     tokens: torch.Tensor  # [batch] chosen tokens (the pad token for rows already finished)
-    logits: torch.Tensor  # [batch, vocab] raw float32 logits
-    scores: torch.Tensor  # [batch, vocab] processed scores the tokens were drawn from
+    logits: torch.Tensor | None  # [batch, vocab] raw float32 logits (None if not asked for)
+    scores: torch.Tensor | None  # [batch, vocab] processed scores the tokens were drawn from (None if not asked for)
     finished: torch.Tensor  # [batch] bool: the row has produced EOS or was blocked (at this step or before)
     blocked: torch.Tensor | None = None  # [batch] bool: the row ended because no token was left allowed
 
@@ -108,6 +108,7 @@ def decode_steps(
     pad_token_id: int | None = None,
     cache_implementation: str | None = None,
     mask: TokenMask | None = None,
+    output_scores: bool = True,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row has finished or `max_new_tokens` is reached.
 
@@ -116,10 +117,12 @@ def decode_steps(
     (`DynamicCache`); "static" preallocates it and, on CUDA, replays each step as one CUDA graph
     (`static_cache`: the same tokens); None chooses "static" on CUDA and "dynamic" elsewhere. A
     `mask` (constrained decoding, `constraints.TokenMask`) forbids tokens before every warper and
-    follows each row's token; it decodes with the dynamic cache.
+    follows each row's token. Every strategy and cache runs the same `processors.LogitsPipeline`.
+    `output_scores` False leaves each step's `logits` and `scores` None (the static step then
+    copies nothing it was not asked for).
     """
     return _decode(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
-                   cached=True, cache_implementation=cache_implementation, mask=mask)
+                   cached=True, cache_implementation=cache_implementation, mask=mask, output_scores=output_scores)
 
 
 def decode_steps_without_cache(
@@ -152,6 +155,7 @@ def _decode(
     cached: bool,
     cache_implementation: str | None = None,
     mask: TokenMask | None = None,
+    output_scores: bool = True,
 ) -> Iterator[Step]:
     limit = check_room(model, input_ids.shape[1], max_new_tokens)
     device = model.device
@@ -162,86 +166,86 @@ def _decode(
         )
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
-    if params.contrastive:
-        if not cached:
-            raise ValueError("contrastive search (penalty_alpha > 0) always uses the KV cache: use decode_steps")
-        if mask is not None:
-            raise ValueError("contrastive search (penalty_alpha > 0) does not take a constraint: decode the "
-                             "constrained text with greedy decoding or sampling")
-        return _contrastive_steps(model, input_ids, attention_mask, params, max_new_tokens, eos_token_id, pad_token_id,
-                                  limit)
-    if cached and _static(cache_implementation, device, params, mask):
-        return _static_steps(model, input_ids, attention_mask, params, min(max_new_tokens, limit - input_ids.shape[1]),
-                             generator, eos_token_id, pad_token_id)
-    return _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
-                  cached, limit, mask)
-
-
-def _static(cache_implementation: str | None, device: torch.device, params: SamplingParams,
-            mask: TokenMask | None) -> bool:
-    """Whether to decode with the static cache: not with the repetition remedies (they need the token
-    history, which the static step does not keep) nor with a constraint (its state follows each token)."""
-    static = resolve_cache_implementation(cache_implementation, device) == "static"
-    if static and (params.penalizes or mask is not None):
-        if cache_implementation == "static":
-            raise ValueError("the static cache takes neither the repetition remedies nor a constraint: "
-                             "use cache_implementation='dynamic' (or leave it None) with them")
-        return False
-    return static
-
-
-def _static_steps(model, input_ids, attention_mask, params, steps, generator, eos_token_id,
-                  pad_token_id) -> Iterator[Step]:
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if pad_token_id is None:
-        pad_token_id = eos_token_id if eos_token_id is not None else 0
-    resolved = None
-
-    def select(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal resolved
-        if resolved is None:
-            resolved = params.resolve(logits)  # once, at the prompt: the captured step finds them on the device
-        return resolved.select(logits, generator)
-
-    for step in static_decode_steps(model, input_ids, attention_mask, steps, select, generator, eos_token_id,
-                                    pad_token_id):
-        yield Step(tokens=step.tokens, logits=step.logits, scores=step.scores, finished=step.finished)
-
-
-def _contrastive_steps(model, input_ids, attention_mask, params, max_new_tokens, eos_token_id, pad_token_id,
-                       limit) -> Iterator[Step]:
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
     steps = min(max_new_tokens, limit - input_ids.shape[1])
-    for tokens, logits, scores, finished in contrastive_decode(
-        model, input_ids, attention_mask, params, steps, eos_token_id, pad_token_id
+    pipeline = LogitsPipeline(params, input_ids, attention_mask, input_ids.shape[1] + steps, mask)
+    static = cached and resolve_cache_implementation(cache_implementation, device) == "static"
+    if params.contrastive or static:
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    if params.contrastive:
+        if not cached:
+            raise ValueError("contrastive search (penalty_alpha > 0) always uses the KV cache: use decode_steps")
+        return _contrastive_steps(model, input_ids, attention_mask, params, pipeline, steps, eos_token_id,
+                                  pad_token_id)
+    if static:
+        return _static_steps(model, input_ids, attention_mask, params, pipeline, steps, generator, eos_token_id,
+                             pad_token_id, output_scores)
+    return _steps(model, input_ids, attention_mask, params, pipeline, steps, generator, eos_token_id, pad_token_id,
+                  cached)
+
+
+def _static_steps(model, input_ids, attention_mask, params, pipeline, steps, generator, eos_token_id,
+                  pad_token_id, output_scores) -> Iterator[Step]:
+    chooser = Chooser(params, pipeline, generator)
+    for step in static_decode_steps(model, input_ids, attention_mask, steps, chooser, generator, eos_token_id,
+                                    pad_token_id, output_scores=output_scores):
+        yield Step(tokens=step.tokens, logits=step.logits, scores=step.scores, finished=step.finished,
+                   blocked=step.blocked)
+
+
+def _contrastive_steps(model, input_ids, attention_mask, params, pipeline, steps, eos_token_id,
+                       pad_token_id) -> Iterator[Step]:
+    for tokens, logits, scores, finished, blocked in contrastive_decode(
+        model, input_ids, attention_mask, params, steps, eos_token_id, pad_token_id, pipeline
     ):
-        yield Step(tokens=tokens, logits=logits, scores=scores, finished=finished)
+        yield Step(tokens=tokens, logits=logits, scores=scores, finished=finished, blocked=blocked)
 
 
-def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, eos_token_id, pad_token_id,
-           cached, limit, mask) -> Iterator[Step]:
+class Chooser:
+    """One step's choice on the pipeline: cut, warp and draw, end empty and EOS rows, advance the state.
+
+    Every operation has shapes that do not depend on the data, and none waits for the host, so the
+    static step can record it in a CUDA graph.
+    """
+
+    def __init__(self, params: SamplingParams, pipeline: LogitsPipeline, generator: torch.Generator | None):
+        self.params, self.pipeline, self.generator = params, pipeline, generator
+        self.resolved = None
+
+    def __call__(self, logits: torch.Tensor, unfinished: torch.Tensor, blocked: torch.Tensor, pad: torch.Tensor | int,
+                 eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens `[rows]` (pad for finished rows) and the scores they came from; updates `unfinished` and
+        `blocked` in place."""
+        allowed, empty = self.pipeline.cut(logits)
+        if empty is not None:
+            blocked |= empty & unfinished
+            unfinished &= ~empty
+        if self.resolved is None:
+            self.resolved = self.params.resolve(logits)  # once: later steps find the settings on the device
+        tokens, scores = self.resolved.select(allowed, self.generator)
+        tokens = torch.where(unfinished, tokens, pad)
+        self.pipeline.advance(tokens)
+        if eos_token_id is not None:
+            unfinished &= tokens != eos_token_id
+        return tokens, scores
+
+
+def _steps(model, input_ids, attention_mask, params, pipeline, steps, generator, eos_token_id, pad_token_id,
+           cached) -> Iterator[Step]:
     # Like `generate`, pass no mask when nothing is padded (a faster attention path).
     padded = attention_mask is not None and not bool(attention_mask.all())
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if pad_token_id is None:
-        pad_token_id = eos_token_id if eos_token_id is not None else 0
     # Position ids count only real tokens, so left padding does not shift the prompt.
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     blocked = torch.zeros_like(unfinished)
-    may_block = mask is not None or params.penalizes  # only n-gram blocking and a mask cut tokens before the warpers
+    chooser = Chooser(params, pipeline, generator)
     cache = DynamicCache() if cached else None
     sequence, next_input, next_positions = input_ids, input_ids, position_ids
-    resolved = None
-    prompt_length = input_ids.shape[1]
-    padding = left_padding(attention_mask) if params.penalizes else None
 
-    for _ in range(min(max_new_tokens, limit - input_ids.shape[1])):
+    for _ in range(steps):
         with torch.inference_mode():
             out = model(
                 input_ids=next_input if cached else sequence,
@@ -253,40 +257,16 @@ def _steps(model, input_ids, attention_mask, params, max_new_tokens, generator, 
             )
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out  # free the step's outputs before the next forward pass, as generate does
-        allowed = allowed_scores(logits, sequence, params, prompt_length, padding, mask)
-        if may_block:
-            # A row with nothing allowed draws from a harmless stand-in (its token is discarded), so that
-            # neither the argmax nor the draw sees a row of -inf; the other rows draw as before.
-            empty = torch.isneginf(allowed).all(dim=-1)
-            allowed = allowed.masked_fill(empty[:, None], 0.0)
-            blocked |= empty & unfinished
-            unfinished &= ~empty
-        if resolved is None:
-            resolved = params.resolve(logits)  # once: later steps find the settings on the device
-        tokens, scores = resolved.select(allowed, generator)
-        tokens = torch.where(unfinished, tokens, pad_token_id)
-        if mask is not None:
-            mask.advance(tokens)
-        if eos_token_id is not None:
-            unfinished &= tokens != eos_token_id
+        tokens, scores = chooser(logits, unfinished, blocked, pad_token_id, eos_token_id)
         yield Step(tokens=tokens, logits=logits, scores=scores, finished=~unfinished, blocked=blocked.clone())
         # The one wait for the device in a step: without EOS or a cut there is nothing to wait for.
-        if (eos_token_id is not None or may_block) and not bool(unfinished.any()):
+        if (eos_token_id is not None or pipeline.may_block) and not bool(unfinished.any()):
             return
         sequence = torch.cat([sequence, tokens[:, None]], dim=-1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(tokens[:, None])], dim=-1)
         next_positions = next_positions[:, -1:] + 1
         position_ids = torch.cat([position_ids, next_positions], dim=-1)
         next_input = tokens[:, None]
-
-
-def allowed_scores(logits: torch.Tensor, sequence: torch.Tensor, params: SamplingParams, prompt_length: int,
-                   padding: torch.Tensor | None, mask: TokenMask | None) -> torch.Tensor:
-    """The logits after everything that changes or cuts tokens before the warpers, in this order:
-    repetition, presence and frequency penalties (values), n-gram blocking (-inf), the constraint's
-    mask (-inf). A row may come out all -inf; the caller ends it ("blocked")."""
-    scores = apply_penalties(sequence, logits, params, prompt_length, padding) if params.penalizes else logits
-    return scores if mask is None else mask(scores)
 
 
 def constraint_mask(
@@ -333,6 +313,7 @@ def generate(
     steps = decode_steps(
         model, input_ids, attention_mask, params, max_new_tokens, make_generator(seed, device),
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, cache_implementation=cache_implementation, mask=mask,
+        output_scores=output_scores,
     )
     columns: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []

@@ -38,6 +38,7 @@ from .checks import as_values as _values
 
 Param = float | int | Sequence[float] | Sequence[int] | torch.Tensor
 FILTER_VALUE = -math.inf
+WARPERS = (("temperature", 1.0), ("top_p", 1.0), ("min_p", 0.0), ("typical_p", 1.0))  # name, neutral value
 
 
 @dataclass(frozen=True)
@@ -76,25 +77,29 @@ class SamplingParams:
         check_presence_or_frequency("presence_penalty", self.presence_penalty)
         check_presence_or_frequency("frequency_penalty", self.frequency_penalty)
         check_penalty_alpha(self.penalty_alpha)
-        if _any(self.penalty_alpha, lambda a: a > 0) and _any(self.top_k, lambda k: k < 1):
+        if any_value(self.penalty_alpha, lambda a: a > 0) and any_value(self.top_k, lambda k: k < 1):
             raise ValueError("contrastive search (penalty_alpha > 0) needs top_k >= 1 candidates per step "
-                             "(its paper uses top_k=4)")
+                             "(its paper uses top_k=8 with penalty_alpha=0.6)")
+        if self.contrastive and (warped := [name for name, neutral in WARPERS if
+                                            any_value(getattr(self, name), lambda v, n=neutral: v != n)]):
+            raise ValueError(f"contrastive search (penalty_alpha > 0) chooses among its top_k candidates "
+                             f"deterministically: {warped[0]} has no meaning with it (leave it at its default)")
 
     @property
     def penalizes(self) -> bool:
         """Whether any repetition remedy other than contrastive search is on for some row."""
-        return (_any(self.repetition_penalty, lambda p: p != 1.0) or _any(self.no_repeat_ngram_size, lambda n: n > 0)
-                or _any(self.presence_penalty, lambda p: p != 0.0) or _any(self.frequency_penalty, lambda p: p != 0.0))
+        return (any_value(self.repetition_penalty, lambda p: p != 1.0) or any_value(self.no_repeat_ngram_size, lambda n: n > 0)
+                or any_value(self.presence_penalty, lambda p: p != 0.0) or any_value(self.frequency_penalty, lambda p: p != 0.0))
 
     @property
     def all_greedy(self) -> bool:
         """Whether every row decodes greedily (temperature 0)."""
-        return not _any(self.temperature, lambda t: t != 0)
+        return not any_value(self.temperature, lambda t: t != 0)
 
     @property
     def contrastive(self) -> bool:
         """Whether the batch decodes by contrastive search (penalty_alpha > 0 on some row)."""
-        return _any(self.penalty_alpha, lambda a: a > 0)
+        return any_value(self.penalty_alpha, lambda a: a > 0)
 
     @classmethod
     def greedy(cls) -> SamplingParams:
@@ -144,7 +149,7 @@ class SamplingParams:
             # One value stays a Python float: `scores / 0.7` is what the transformers warpers compute.
             # Per-row values are divided or multiplied in float32 for float16/bfloat16 logits, the
             # precision PyTorch uses for a Python float, then rounded back.
-            return values[0] if len(set(values)) == 1 else column(values, _compute_dtype(dtype))
+            return values[0] if len(set(values)) == 1 else column(values, compute_dtype(dtype))
 
         temperatures = rows(self.temperature)
         greedy_flags = [t == 0 for t in temperatures]
@@ -224,7 +229,7 @@ class ResolvedParams:
         return torch.where(self.greedy_rows, tokens, sampled), scores
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision PyTorch computes in for `tensor * python_float`: float32 for 16-bit floats."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -250,7 +255,8 @@ def per_row(value: Param, logits: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return column
 
 
-def _any(value: Param, test) -> bool:
+def any_value(value: Param, test) -> bool:
+    """Whether `test` holds for one of a setting's values (one value, a sequence or a tensor)."""
     return any(test(v) for v in _values(value))
 
 

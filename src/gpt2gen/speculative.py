@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .constraints import Constraint, TokenMask
 from .drafters import Draft, Drafter, ModelDrafter, check_draft_model
-from .generation import IncrementalDecoder, check_room, encode_prompts, make_generator
+from .generation import IncrementalDecoder, check_room, constraint_mask, encode_prompts, make_generator
 from .loading import context_length
+from .processors import LogitsPipeline
 from .sampling import SamplingParams, process_logits
 
 
@@ -48,6 +50,7 @@ class Block:
     drafted: list[int]  # every token the drafter proposed for this pass
     accepted: int  # how many of `drafted` were kept (the first `accepted` of `tokens`)
     finished: bool  # the block ends with EOS
+    blocked: bool = False  # the cuts (n-gram blocking and a constraint) left no token allowed after it
 
 
 @dataclass
@@ -56,7 +59,7 @@ class SpeculativeResult:
 
     text: str
     new_tokens: list[int]
-    finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (context length)
+    finish_reason: str  # "eos", "length" (max_new_tokens), "context" (context length), "blocked" or "incomplete"
     drafted: int  # drafted tokens in all
     accepted: int  # drafted tokens kept
     verifications: int  # forward passes of the target model (prompt included)
@@ -73,28 +76,30 @@ class SpeculativeResult:
         return len(self.new_tokens) / self.verifications if self.verifications else 0.0
 
 
-def verify_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[int, int]:
+def verify_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[int, int | None]:
     """Greedy check of `draft` `[k]` against the target's logits `[k + 1, vocab]`.
 
     Returns how many drafted tokens agree with the target's argmax before the first disagreement,
-    and the target's own argmax after them.
+    and the target's own argmax after them. Given only `[k, vocab]` (no token may follow the draft),
+    a draft kept whole is followed by None.
     """
     best = logits.argmax(dim=-1)
     k = draft.shape[0]
     agree = (best[:k] == draft).long().cumprod(dim=0)
     accepted = int(agree.sum())
-    return accepted, int(best[accepted])
+    return accepted, int(best[accepted]) if accepted < best.shape[0] else None
 
 
 def verify_sampled(
     p: torch.Tensor, draft: Draft, generator: torch.Generator | None = None
-) -> tuple[int, int]:
+) -> tuple[int, int | None]:
     """The speculative-sampling rule: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)).
 
     `p` `[k + 1, vocab]` are the target's warped probabilities at each drafted position and after
     the last one; `draft.probs` `[k, vocab]` are the drafter's (None: a point mass on each drafted
     token). On the first rejection the replacement is drawn from max(0, p_i - q_i), normalised;
-    when every drafted token is accepted, a bonus token is drawn from p_{k+1}.
+    when every drafted token is accepted, a bonus token is drawn from p_{k+1}. Given only `[k, vocab]`
+    (no token may follow the draft: the cuts left none), there is no bonus token: None.
     Returns the number accepted and the token that follows them.
     """
     tokens = draft.tokens.tolist()
@@ -109,15 +114,17 @@ def verify_sampled(
         else:
             residual = (residual - draft.probs[i]).clamp_(min=0.0)
         return i, int(torch.multinomial(residual, 1, generator=generator))  # multinomial normalises
+    if p.shape[0] == len(tokens):
+        return len(tokens), None
     return len(tokens), int(torch.multinomial(p[len(tokens)], 1, generator=generator))
 
 
 def _check_single(params: SamplingParams) -> None:
-    if params.penalizes or params.contrastive:
-        raise ValueError("speculative decoding takes neither the repetition remedies nor contrastive search: "
-                         "it keeps the model's own distribution, which they change")
-    for name in ("temperature", "top_k", "top_p", "min_p", "typical_p"):
-        if torch.as_tensor(getattr(params, name)).numel() != 1:
+    if params.contrastive:
+        raise ValueError("speculative decoding and contrastive search (penalty_alpha > 0) are two ways to choose "
+                         "each token: choose one")
+    for name, value in vars(params).items():
+        if torch.as_tensor(value).numel() != 1:
             raise ValueError(
                 f"speculative decoding runs one sequence at a time: give {name} one value, not one per row"
             )
@@ -131,8 +138,15 @@ def speculative_steps(
     max_new_tokens: int = 50,
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
+    mask: TokenMask | None = None,
 ) -> Iterator[Block]:
-    """Yield one `Block` per forward pass of the target, for one sequence `input_ids` `[1, length]`."""
+    """Yield one `Block` per forward pass of the target, for one sequence `input_ids` `[1, length]`.
+
+    The target's distribution at each drafted position is the one the plain loop would use there:
+    the processors of `params` and the constraint's `mask` (`processors.LogitsPipeline`) run on the
+    hypothetical context (the text so far and the drafted tokens before that position), and are
+    rolled back with the KV cache past the first rejection.
+    """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"speculative decoding takes one sequence, shape [1, length]; got {tuple(input_ids.shape)}")
     limit = check_room(model, input_ids.shape[1], max_new_tokens)
@@ -141,6 +155,7 @@ def speculative_steps(
         check_draft_model(model, drafter.model)
     greedy = params.all_greedy
     budget = min(max_new_tokens, limit - input_ids.shape[1])
+    pipeline = LogitsPipeline(params, input_ids, None, input_ids.shape[1] + budget, mask)
     sequence = input_ids[0]
     pending = sequence  # tokens not yet in the target's cache: the whole prompt, then the last new token
     cache = DynamicCache()
@@ -159,25 +174,54 @@ def speculative_steps(
             )
         logits = out.logits[0].float()  # [k + 1, vocab]: after the last token and after each drafted one
         del out
-        if greedy:
-            accepted, token = verify_greedy(logits, draft.tokens)
+        scores, usable = _scores_along(pipeline, logits, draft.tokens)
+        if usable == 0:
+            accepted, token = 0, None
+        elif greedy:
+            accepted, token = verify_greedy(scores, draft.tokens[:usable])
         else:
-            p = torch.softmax(process_logits(logits, params), dim=-1)
-            accepted, token = verify_sampled(p, draft, generator)
+            p = torch.softmax(process_logits(scores, params), dim=-1)
+            kept = Draft(draft.tokens[:usable], None if draft.probs is None else draft.probs[:usable])
+            accepted, token = verify_sampled(p, kept, generator)
         drafter.update(k, accepted)
         if accepted < k:
             cache.crop(accepted - k)  # forget the keys and values of the rejected drafted tokens
-        new = draft.tokens[:accepted].tolist() + [token]
+        pipeline.rollback(sequence.shape[0] + accepted)
+        new = draft.tokens[:accepted].tolist() + ([] if token is None else [token])
+        if token is not None:
+            pipeline.advance(torch.tensor([token], device=sequence.device))
         finished = eos_token_id is not None and eos_token_id in new
         if finished:
             new = new[: new.index(eos_token_id) + 1]
             accepted = min(accepted, len(new))
         produced += len(new)
-        yield Block(tokens=new, drafted=draft.tokens.tolist(), accepted=accepted, finished=finished)
-        if finished:
+        yield Block(tokens=new, drafted=draft.tokens.tolist(), accepted=accepted, finished=finished,
+                    blocked=token is None)
+        if finished or token is None:
             return
         pending = torch.tensor([token], device=sequence.device)
         sequence = torch.cat([sequence, torch.tensor(new, device=sequence.device)])
+
+
+def _scores_along(pipeline: LogitsPipeline, logits: torch.Tensor, drafted: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The processed scores at each of the k + 1 positions of a verification, each on its own context.
+
+    The pipeline advances through the drafted tokens (the caller rolls it back). Returns the scores
+    and how many positions are usable: up to and including the first one the cuts leave empty, the
+    greedy check then compares only the drafted tokens before it, and no token follows them
+    (the sequence ends "blocked" if they are all kept). Without processors, the logits themselves.
+    """
+    if not pipeline.changes_scores:
+        return logits, logits.shape[0]
+    rows = []
+    for i in range(logits.shape[0]):
+        scores, empty = pipeline.cut(logits[i : i + 1])
+        if empty is not None and bool(empty[0]):
+            return torch.cat(rows) if rows else logits[:0], i
+        rows.append(scores)
+        if i < drafted.shape[0]:
+            pipeline.advance(drafted[i : i + 1])
+    return torch.cat(rows), len(rows)
 
 
 def speculative_generate(
@@ -189,18 +233,26 @@ def speculative_generate(
     max_new_tokens: int = 50,
     seed: int | None = None,
     stop_at_eos: bool = True,
+    constraint: Constraint | None = None,
 ) -> SpeculativeResult:
-    """Generate a continuation of one prompt with a drafter; greedy text equals `generate`'s greedy text."""
+    """Generate a continuation of one prompt with a drafter; greedy text equals `generate`'s greedy text.
+
+    The settings and `constraint` are those of `generate` (finish reasons included), for one prompt.
+    """
     input_ids, _ = encode_prompts(tokenizer, prompt, model.device)
     eos = tokenizer.eos_token_id if stop_at_eos else None
-    blocks = list(
-        speculative_steps(model, input_ids, drafter, params, max_new_tokens, make_generator(seed, model.device), eos)
-    )
+    mask = constraint_mask(model, constraint, 1, eos)
+    blocks = list(speculative_steps(model, input_ids, drafter, params, max_new_tokens,
+                                    make_generator(seed, model.device), eos, mask))
     new_tokens = [t for block in blocks for t in block.tokens]
     if blocks and blocks[-1].finished:
         reason = "eos"
     else:
         reason = "context" if input_ids.shape[1] + len(new_tokens) >= context_length(model) else "length"
+    if mask is not None and not bool(mask.accepting()[0]):
+        reason = "incomplete"
+    if blocks and blocks[-1].blocked:
+        reason = "blocked"
     return SpeculativeResult(
         text=tokenizer.decode(new_tokens, skip_special_tokens=True),
         new_tokens=new_tokens,
@@ -235,13 +287,14 @@ def speculative_stream(
     params: SamplingParams = SamplingParams(),
     max_new_tokens: int = 50,
     seed: int | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[SpeculativeChunk]:
     """Like `generation.stream`, one chunk per target pass; joining the chunks' `text` gives the output."""
     input_ids, _ = encode_prompts(tokenizer, prompt, model.device)
     decoder = IncrementalDecoder(tokenizer)
-    steps = speculative_steps(
-        model, input_ids, drafter, params, max_new_tokens, make_generator(seed, model.device), tokenizer.eos_token_id
-    )
+    eos = tokenizer.eos_token_id
+    steps = speculative_steps(model, input_ids, drafter, params, max_new_tokens, make_generator(seed, model.device),
+                              eos, constraint_mask(model, constraint, 1, eos))
     last: Block | None = None
     for last in steps:
         accepted_text = "".join(decoder.push(t) for t in last.tokens[: last.accepted])

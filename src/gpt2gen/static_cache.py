@@ -6,7 +6,7 @@ values for the whole generation; a step then writes one position in place (at `c
 and its inputs (the new tokens, their positions, the attention mask over the full static length)
 live in buffers that are updated in place too. Every step has the same shapes and the same memory
 addresses, and it makes no host synchronisation, which is what a CUDA graph needs: the step
-(forward pass, warping, the draw, EOS bookkeeping, advancing the buffers) is recorded once and then
+(forward pass, the logits processors, warping, the draw, EOS bookkeeping, advancing the buffers) is recorded once and then
 replayed with a single launch, instead of the hundreds of small kernel launches from Python that
 make an eager step on a GPU launch-bound rather than bandwidth-bound.
 
@@ -25,7 +25,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, StaticCache
 
-Select = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # float32 logits -> (tokens, scores)
+# (float32 logits, unfinished, blocked, pad, eos) -> (tokens, scores), updating unfinished and blocked in
+# place: `generation.Chooser`, the processors' pipeline, warping and the draw.
+Choose = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "int | None"],
+                  tuple[torch.Tensor, torch.Tensor]]
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 WARMUP_STEPS = 2  # eager steps before capture (on a side stream, as the CUDA-graph docs require)
@@ -56,9 +59,10 @@ class StaticStep:
     """One step's outputs (the loop in `generation` turns them into its `Step`)."""
 
     tokens: torch.Tensor  # [batch]
-    logits: torch.Tensor  # [batch, vocab] raw float32
-    scores: torch.Tensor  # [batch, vocab] processed
-    finished: torch.Tensor  # [batch] bool
+    logits: torch.Tensor | None  # [batch, vocab] raw float32, if asked for
+    scores: torch.Tensor | None  # [batch, vocab] processed, if asked for
+    finished: torch.Tensor  # [batch] bool: EOS or blocked
+    blocked: torch.Tensor  # [batch] bool: no token was left allowed
 
 
 class StaticDecoder:
@@ -75,11 +79,13 @@ class StaticDecoder:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         max_new_tokens: int,
-        select: Select,
+        choose: Choose,
         eos_token_id: int | None,
         pad_token_id: int,
+        output_scores: bool = True,
     ):
-        self.model, self.select, self.eos_token_id = model, select, eos_token_id
+        self.model, self.choose, self.eos_token_id = model, choose, eos_token_id
+        self.output_scores = output_scores
         batch, prompt_length = input_ids.shape
         device = input_ids.device
         self.max_cache_len = prompt_length + max_new_tokens
@@ -94,8 +100,9 @@ class StaticDecoder:
         self.cache_position = torch.tensor([prompt_length], device=device)
         self.pad = torch.tensor(pad_token_id, device=device)
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.blocked = torch.zeros(batch, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.logits = self.scores = torch.empty(0)  # [batch, vocab] float32, allocated in `prefill`
+        self.logits = self.scores = None  # [batch, vocab] float32, allocated in `prefill` if asked for
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def prefill(self) -> None:
@@ -111,7 +118,8 @@ class StaticDecoder:
             logits_to_keep=1,
         )
         logits = out.logits[:, -1].to(torch.float32)
-        self.logits, self.scores = torch.empty_like(logits), torch.empty_like(logits)
+        if self.output_scores:
+            self.logits, self.scores = torch.empty_like(logits), torch.empty_like(logits)
         self._choose(logits)
 
     def _eager_step(self) -> None:
@@ -130,12 +138,10 @@ class StaticDecoder:
 
     def _choose(self, last_logits: torch.Tensor) -> None:
         logits = last_logits.to(torch.float32)
-        tokens, scores = self.select(logits)
-        tokens = torch.where(self.unfinished, tokens, self.pad)
-        if self.eos_token_id is not None:
-            self.unfinished &= tokens != self.eos_token_id
-        self.logits.copy_(logits)
-        self.scores.copy_(scores)
+        tokens, scores = self.choose(logits, self.unfinished, self.blocked, self.pad, self.eos_token_id)
+        if self.output_scores:
+            self.logits.copy_(logits)
+            self.scores.copy_(scores)
         self.tokens.copy_(tokens)
         self.next_input.copy_(tokens[:, None])
         self.positions += 1
@@ -161,7 +167,10 @@ class StaticDecoder:
 
     def output(self) -> StaticStep:
         """Copies of this step's outputs (the buffers are overwritten by the next step)."""
-        return StaticStep(self.tokens.clone(), self.logits.clone(), self.scores.clone(), ~self.unfinished)
+        if not self.output_scores:
+            return StaticStep(self.tokens.clone(), None, None, ~self.unfinished, self.blocked.clone())
+        return StaticStep(self.tokens.clone(), self.logits.clone(), self.scores.clone(), ~self.unfinished,
+                          self.blocked.clone())
 
 
 def static_decode_steps(
@@ -169,16 +178,19 @@ def static_decode_steps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     steps: int,
-    select: Select,
+    choose: Choose,
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     cuda_graph: bool | None = None,
     check_every: int | None = None,
+    output_scores: bool = True,
 ) -> Iterator[StaticStep]:
     """Yield one `StaticStep` per new token, at most `steps`, until every row has finished.
 
-    `select` chooses the tokens from float32 logits (warping and drawing, with `generator`).
+    `choose` chooses the tokens from float32 logits (the processors, warping and the draw, with
+    `generator`) and ends rows (EOS, or no token left allowed). `output_scores` False keeps no copy
+    of the logits and scores.
     `cuda_graph` (default: on CUDA) replays the step as one CUDA graph after `WARMUP_STEPS` eager
     steps; should capture fail, the eager static step carries on, after a one-line warning.
     "Every row finished" is checked every `check_every` steps (default 1, or 8 on CUDA); the steps
@@ -192,12 +204,13 @@ def static_decode_steps(
         raise ValueError(f"a CUDA graph needs the model on a CUDA device, not {device}")
     check_every = check_every or (CHECK_EVERY_ON_CUDA if on_cuda else 1)
     with torch.inference_mode():
-        decoder = StaticDecoder(model, input_ids, attention_mask, steps, select, eos_token_id, pad_token_id)
+        decoder = StaticDecoder(model, input_ids, attention_mask, steps, choose, eos_token_id, pad_token_id,
+                                output_scores)
         decoder.prefill()
     held = [decoder.output()]
     for index in range(1, steps):
         if len(held) == check_every:
-            ready, done = _until_all_finished(held, eos_token_id)
+            ready, done = _until_all_finished(held)
             yield from ready
             if done:
                 return
@@ -210,13 +223,11 @@ def static_decode_steps(
                     cuda_graph = _try_capture(decoder, generator, device)
                 decoder.step()
         held.append(decoder.output())
-    yield from _until_all_finished(held, eos_token_id)[0]
+    yield from _until_all_finished(held)[0]
 
 
-def _until_all_finished(held: list[StaticStep], eos_token_id: int | None) -> tuple[list[StaticStep], bool]:
+def _until_all_finished(held: list[StaticStep]) -> tuple[list[StaticStep], bool]:
     """The held steps up to the one where the last row finished (one host sync), and whether it did."""
-    if eos_token_id is None:
-        return held, False  # no row ever finishes: nothing to wait for
     done = torch.stack([step.finished.all() for step in held]).tolist()
     if True in done:
         return held[: done.index(True) + 1], True

@@ -71,3 +71,16 @@ def test_bad_speculative_options_are_usage_errors(tiny_model_dir, capsys, tmp_pa
     code, data, _, err = run(capsys, tmp_path, "bad", "--model_name", str(tiny_model_dir), "--max_length", "12", *args)
     assert code == 2 and data is None
     assert message in err
+
+
+
+def test_a_drafter_takes_the_remedies_and_a_constraint(tiny_model_dir, capsys, tmp_path):
+    """No longer refused: the texts equal the plain loop's under the same remedies and pattern."""
+    common = ("--model_name", str(tiny_model_dir), "--prompt", "the cat and the cat and the", "--max_length", "24",
+              "--temperature", "0", "--seed", "0", "--repetition_penalty", "1.3", "--no_repeat_ngram_size", "3",
+              "--regex", "( [a-z]{1,6}){1,8}")
+    code, plain, _, _ = run(capsys, tmp_path, "plain", *common)
+    assert code == 0
+    code, spec, _, err = run(capsys, tmp_path, "spec", *common, "--prompt_lookup_num_tokens", "3")
+    assert code == 0, err
+    assert [t["text"] for t in spec["texts"]] == [t["text"] for t in plain["texts"]]

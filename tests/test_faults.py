@@ -617,7 +617,7 @@ REFUSED_AT_ONCE = [
     (("--num_samples", "9" * 101), "argument --num_samples: '9999999999999999999999999999999999999999' is not a whole"),
     (("--top_p", "٠.٥"), "argument --top_p: '٠.٥' is not a number written like 0.7 or 1e-3 in ASCII"),
     (("--prompt_lookup_num_tokens", "3", "--penalty_alpha", "0.6", "--top_k", "4"),
-     "--prompt_lookup_num_tokens (speculative decoding) does not take --penalty_alpha (contrastive search)"),
+     "--prompt_lookup_num_tokens (speculative decoding) and --penalty_alpha (contrastive search) are two ways"),
     (("--num_assistant_tokens", "7"), "--num_assistant_tokens sets how many tokens a draft model proposes: add "
                                       "--assistant_model or --assistant_early_exit"),
     (("--prompt_lookup_num_tokens", "3", "--num_assistant_tokens", "7"), "add --assistant_model"),

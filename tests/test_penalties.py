@@ -162,3 +162,36 @@ def test_new_york_twice_is_blocked_by_bigram_blocking():
 def test_bad_values_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_half_precision_penalty_is_computed_in_float32_and_rounded_once():
+    """transformers multiplies a float16 tensor by the Python float 1.2 in float32, then rounds: so do we."""
+    ids = torch.tensor([[0, 1]])
+    logits = torch.tensor([[1.0, -1.0, 3.0]], dtype=torch.float16)
+    scores = apply_repetition_penalty(ids, logits, 1.2)
+    assert scores.dtype == torch.float16
+    assert scores[0, :2].tolist() == [0.83349609375, -1.2001953125]
+    assert scores[0, 2] == 3.0
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       penalty=st.floats(0.05, 20.0), seed=st.integers(0, 2**16))
+def test_every_dtype_equals_transformers(dtype, penalty, seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(3, 50, generator=generator) * 8).to(dtype)
+    ids = torch.randint(0, 50, (3, 20), generator=generator)
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+    assert same(apply_repetition_penalty(ids, logits, penalty), expected)
+
+
+def test_rounding_the_penalty_to_half_first_is_caught():
+    """The wrong twin (the penalty rounded to float16 before the product) differs from transformers."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 200, generator=generator) * 8).to(torch.float16)
+    ids = torch.arange(200).repeat(4, 1)
+    expected = RepetitionPenaltyLogitsProcessor(1.2)(ids, logits.clone())
+    half = torch.tensor(1.2, dtype=torch.float16)
+    twin = torch.where(logits < 0, logits * half, logits / half)
+    assert not same(twin, expected)
+    assert same(apply_repetition_penalty(ids, logits, 1.2), expected)

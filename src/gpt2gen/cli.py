@@ -280,9 +280,6 @@ def validate(args: argparse.Namespace) -> Path | None:
     except ValueError as exc:
         raise UsageError(f"--{exc}") from exc
     check_constraint(args)
-    if args.penalty_alpha and (args.regex is not None or args.json_schema is not None):
-        raise UsageError("--penalty_alpha (contrastive search) does not take --regex or --json_schema: "
-                         "constrain greedy decoding or sampling instead")
     check_speculative(args)
     if args.output_json is None:
         return None
@@ -308,13 +305,9 @@ def check_speculative(args: argparse.Namespace) -> None:
         return
     if args.devices.strip() not in ("auto", "1"):
         raise UsageError(f"--{drafters[0]} runs one sample at a time in one process: drop --devices {args.devices}")
-    changes = [f"--{name}" for name in REMEDIES if getattr(args, name) is not None]
-    changes += [f"--{name}" for name in ("regex", "json_schema") if getattr(args, name) is not None]
-    if changes:
-        what = "contrastive search" if changes[0] == "--penalty_alpha" else (
-            "a repetition remedy" if changes[0][2:] in REMEDIES else "constrained decoding")
-        raise UsageError(f"--{drafters[0]} (speculative decoding) does not take {changes[0]} ({what}): it keeps "
-                         "the model's own distribution, which that changes")
+    if args.penalty_alpha:
+        raise UsageError(f"--{drafters[0]} (speculative decoding) and --penalty_alpha (contrastive search) are two "
+                         "ways to choose each token: choose one")
 
 
 def check_remedies(args: argparse.Namespace) -> None:
@@ -516,7 +509,7 @@ def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[
 
 def speculative_run(
     out: Output, loaded: LoadedModel, args: argparse.Namespace, settings: list[dict[str, float]],
-    max_new_tokens: int, seed: int, speculative: tuple[Any, dict],
+    max_new_tokens: int, seed: int, speculative: tuple[Any, dict], constraint: Constraint | None = None,
 ) -> tuple[list[str], list[dict[str, int]]]:
     """Samples one after another with a drafter (sample i with seed + i), streamed if asked; texts and draft counts."""
     from .samples import speculative_texts
@@ -530,7 +523,7 @@ def speculative_run(
 
     texts, counts = speculative_texts(
         loaded, args.prompt, settings, args.top_k, max_new_tokens, seed, speculative[0], on_sample=on_sample,
-        on_text=(lambda piece: out.write(piece, end="")) if args.stream else None,
+        on_text=(lambda piece: out.write(piece, end="")) if args.stream else None, constraint=constraint,
     )
     if args.stream:
         out.write("\n")
@@ -612,7 +605,7 @@ def generate_and_save(args: argparse.Namespace, target: Path | None, out: Output
     if speculative:
         if args.stream:
             out.write(f"model: {loaded.label}\n")
-        texts, counts = speculative_run(out, loaded, args, settings, max_new_tokens, seed, speculative)
+        texts, counts = speculative_run(out, loaded, args, settings, max_new_tokens, seed, speculative, constraint)
     elif multi:
         from .multidevice import generate_on_devices
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
-from . import metrics
+from . import beam, contrastive, generation, metrics, penalties, processors, sampling
 from .beam import beam_search
 from .files import cache_root
 from .generation import generate
@@ -130,10 +130,9 @@ def _cache_key(loaded: LoadedModel, prompts: datasets.Dataset, method: Method, m
 
 def _code_fingerprint() -> str:
     """A hash of the modules that decide the generated tokens: change them and the cache is rebuilt."""
-    here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("generation.py", "sampling.py", "beam.py", "penalties.py", "contrastive.py"):
-        digest.update((here / name).read_bytes())
+    for module in (generation, sampling, beam, penalties, contrastive, processors):
+        digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -76,7 +76,7 @@ def stream_pieces(
 def speculative_texts(
     loaded: LoadedModel, prompt: str | None, settings: list[dict[str, float]], top_k: int, max_new_tokens: int,
     seed: int, make_drafter: Callable[[], Drafter], on_text: Callable[[str], None] | None = None,
-    on_sample: Callable[[int], None] | None = None,
+    on_sample: Callable[[int], None] | None = None, constraint: Constraint | None = None,
 ) -> tuple[list[str], list[dict[str, int]]]:
     """Samples one after another with speculative decoding (sample i uses seed + i), and each one's draft counts.
 
@@ -90,7 +90,8 @@ def speculative_texts(
         drafted = accepted = 0
         pieces = []
         for chunk in speculative_stream(
-            loaded.model, loaded.tokenizer, prompt, make_drafter(), params_for([setting], top_k), max_new_tokens, seed + i
+            loaded.model, loaded.tokenizer, prompt, make_drafter(), params_for([setting], top_k), max_new_tokens, seed + i,
+            constraint=constraint,
         ):
             drafted += len(chunk.block.drafted)
             accepted += chunk.block.accepted

@@ -22,7 +22,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_speculative import chi_square_pvalue
+from test_speculative import FixedDraft, chi_square_pvalue
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -37,7 +37,7 @@ from gpt2gen import speculative
 from gpt2gen.automaton import regex_automaton
 from gpt2gen.beam import beam_search
 from gpt2gen.constraints import Constraint, TokenMask, regex_constraint
-from gpt2gen.drafters import Draft, ModelDrafter, PromptLookup, SuffixLookup
+from gpt2gen.drafters import ModelDrafter, PromptLookup, SuffixLookup
 from gpt2gen.generation import generate
 from gpt2gen.sampling import SamplingParams
 from gpt2gen.speculative import speculative_generate, speculative_steps
@@ -318,21 +318,6 @@ def exact_pairs(target, constraint: Constraint) -> dict[tuple, float]:
     return pairs
 
 
-class FixedDraft:
-    """A point-mass drafter that always proposes "ab" then "c"."""
-
-    num_tokens = 2
-
-    def draft(self, sequence, count, params, generator):
-        return Draft(torch.tensor([2, 4])[:count])
-
-    def update(self, drafted, accepted):
-        pass
-
-    def reset(self):
-        pass
-
-
 def toy_counts(target, constraint, drafter, runs: int = 1500, seed: int = 0) -> Counter:
     generator, counts = torch.Generator().manual_seed(seed), Counter()
     prompt = torch.tensor([TOY_PROMPT])
@@ -347,7 +332,7 @@ def toy_counts(target, constraint, drafter, runs: int = 1500, seed: int = 0) -> 
 @pytest.mark.parametrize("drafter", ["draft model", "point mass"])
 def test_speculative_sampling_with_processors_keeps_the_target_distribution(toy, drafter):
     target, constraint, expected = toy
-    chosen = ModelDrafter(toy_model(1), 2) if drafter == "draft model" else FixedDraft()
+    chosen = ModelDrafter(toy_model(1), 2) if drafter == "draft model" else FixedDraft((2, 4))  # "ab" then "c"
     counts = toy_counts(target, constraint, chosen)
     assert chi_square_pvalue(counts, expected, sum(counts.values())) > 0.01
 
@@ -358,7 +343,7 @@ def test_processors_left_off_the_drafted_positions_fail_the_same_test(toy, monke
     real = speculative._scores_along
     monkeypatch.setattr(speculative, "_scores_along", lambda pipeline, logits, drafted: real(pipeline, logits,
                                                                                              drafted[:0]))
-    counts = toy_counts(target, constraint, FixedDraft())
+    counts = toy_counts(target, constraint, FixedDraft((2, 4)))
     forbidden = sum(count for pair, count in counts.items() if expected.get(pair, 0.0) == 0.0)
     allowed = Counter({pair: count for pair, count in counts.items() if expected.get(pair, 0.0) > 0.0})
     assert forbidden > 0  # it draws pairs the target's processors never allow

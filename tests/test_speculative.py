@@ -284,12 +284,14 @@ def sampled_pairs(target, drafter, runs: int, seed: int, prompt: list[int] = (1,
 
 
 class FixedDraft:
-    """A deterministic drafter (a point-mass q), like prompt lookup: always proposes tokens 3 then 1."""
+    """A deterministic drafter (a point-mass q), like prompt lookup: always proposes the same tokens (3 then 1)."""
 
-    num_tokens = 2
+    def __init__(self, tokens: tuple[int, ...] = (3, 1)):
+        self.tokens = torch.tensor(tokens)
+        self.num_tokens = len(tokens)
 
     def draft(self, sequence, count, params, generator):
-        return Draft(torch.tensor([3, 1])[:count])
+        return Draft(self.tokens[:count])
 
     def update(self, drafted, accepted):
         pass

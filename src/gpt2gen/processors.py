@@ -40,7 +40,7 @@ class LogitsPipeline:
         device = input_ids.device
         if capacity < prompt_length:
             raise ValueError(f"capacity {capacity} is smaller than the prompt ({prompt_length} tokens)")
-        self.params, self.mask, self.prompt_length = params, mask, prompt_length
+        self.mask, self.prompt_length = mask, prompt_length
         self.history = torch.zeros(rows, capacity, dtype=torch.long, device=device)
         self.history[:, :prompt_length] = input_ids
         self.lengths = torch.full((rows,), prompt_length, dtype=torch.long, device=device)
@@ -134,7 +134,3 @@ class LogitsPipeline:
         if self.mask is not None:
             self.mask.states = self.mask.states.index_select(0, rows)
             self.states_at = self.states_at.index_select(0, rows)
-
-    def tokens(self, row: int = 0) -> list[int]:
-        """The tokens of one row so far, prompt included (its left padding too). Reads the device."""
-        return self.history[row, : int(self.lengths[row])].tolist()

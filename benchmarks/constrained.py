@@ -35,13 +35,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import machine  # noqa: E402  (the suite's machine description, unchanged)
 
-from gpt2gen.automaton import regex_automaton  # noqa: E402
-from gpt2gen.constraints import Constraint, TokenMask, device_index, json_schema_regex  # noqa: E402
+from gpt2gen.constrained.automaton import regex_automaton  # noqa: E402
+from gpt2gen.constrained.constraints import Constraint, TokenMask, device_index, json_schema_regex  # noqa: E402
+from gpt2gen.constrained.token_index import build_token_index, cached_index, token_index, vocabulary_of  # noqa: E402
+from gpt2gen.decoding.generation import decode_steps, encode_prompts  # noqa: E402
+from gpt2gen.decoding.sampling import SamplingParams  # noqa: E402
 from gpt2gen.files import write_json_atomic  # noqa: E402
-from gpt2gen.generation import decode_steps, encode_prompts  # noqa: E402
-from gpt2gen.gpt2_reference import gpt2_tokenizer  # noqa: E402
-from gpt2gen.sampling import SamplingParams  # noqa: E402
-from gpt2gen.token_index import build_token_index, cached_index, token_index, vocabulary_of  # noqa: E402
+from gpt2gen.models.gpt2_reference import gpt2_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "constrained.json"
 SCHEMA = {

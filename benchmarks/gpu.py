@@ -146,8 +146,8 @@ def timed(fn: Callable[[], object]) -> float:
 def sides(model, tokenizer, prompts: list[str], settings: dict) -> dict[str, Callable[[], object]]:
     """Each side's timed call. Both start from the same token ids (tokenised here, outside the timing) and
     stop at token ids (nothing is decoded to text): only the decoding loops are compared."""
-    from gpt2gen.generation import decode_steps, encode_prompts, make_generator
-    from gpt2gen.sampling import SamplingParams
+    from gpt2gen.decoding.generation import decode_steps, encode_prompts, make_generator
+    from gpt2gen.decoding.sampling import SamplingParams
 
     params = SamplingParams(**settings)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, model.device)
@@ -187,8 +187,8 @@ def measure_row(model, tokenizer, prompts: list[str], settings: dict, repeats: i
 
 def parity(model, tokenizer, prompts: list[str]) -> dict:
     """float32: do the loop's static/graph path and its dynamic path give generate's greedy tokens?"""
-    from gpt2gen.generation import encode_prompts, generate
-    from gpt2gen.sampling import SamplingParams
+    from gpt2gen.decoding.generation import encode_prompts, generate
+    from gpt2gen.decoding.sampling import SamplingParams
 
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, model.device)
     expected = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=NEW_TOKENS)
@@ -221,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
-    from gpt2gen.comparison import load_prompts
     from gpt2gen.files import write_json_atomic
-    from gpt2gen.gpt2_reference import gpt2_tokenizer
+    from gpt2gen.models.gpt2_reference import gpt2_tokenizer
+    from gpt2gen.study.comparison import load_prompts
 
     hf_logging.disable_progress_bar()
     device = torch.device("cuda")

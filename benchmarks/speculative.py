@@ -43,12 +43,12 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from gpt2gen.drafters import Drafter, ModelDrafter, PromptLookup, SuffixLookup, early_exit_model
+from gpt2gen.decoding.drafters import Drafter, ModelDrafter, PromptLookup, SuffixLookup, early_exit_model
+from gpt2gen.decoding.generation import encode_prompts, generate
+from gpt2gen.decoding.sampling import SamplingParams
+from gpt2gen.decoding.speculative import SpeculativeResult, speculative_generate
 from gpt2gen.files import write_json_atomic
-from gpt2gen.generation import encode_prompts, generate
-from gpt2gen.loading import load_model
-from gpt2gen.sampling import SamplingParams
-from gpt2gen.speculative import SpeculativeResult, speculative_generate
+from gpt2gen.models.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import machine  # noqa: E402

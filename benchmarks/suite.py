@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2gen import sampling
-from gpt2gen.comparison import load_prompts
+from gpt2gen.decoding import sampling
+from gpt2gen.decoding.generation import decode_steps, decode_steps_without_cache, encode_prompts, generate
+from gpt2gen.decoding.sampling import SamplingParams, apply_temperature, fused_top_k_top_p, top_k_filter, top_p_filter
 from gpt2gen.files import write_json_atomic
-from gpt2gen.generation import decode_steps, decode_steps_without_cache, encode_prompts, generate
-from gpt2gen.gpt2_reference import gpt2_tokenizer
-from gpt2gen.hardware import bfloat16_instructions, cpu_name
-from gpt2gen.sampling import SamplingParams, apply_temperature, fused_top_k_top_p, top_k_filter, top_p_filter
+from gpt2gen.models.gpt2_reference import gpt2_tokenizer
+from gpt2gen.models.hardware import bfloat16_instructions, cpu_name
+from gpt2gen.study.comparison import load_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 QUICK_RESULTS = RESULTS.with_name("quick.json")
@@ -202,7 +202,7 @@ def bfloat16(b: Bench) -> dict:
 SAVE_MODEL = """
 import sys, torch
 from transformers import GPT2Config, GPT2LMHeadModel
-from gpt2gen.gpt2_reference import gpt2_tokenizer
+from gpt2gen.models.gpt2_reference import gpt2_tokenizer
 torch.manual_seed(0)
 GPT2LMHeadModel(GPT2Config()).save_pretrained(sys.argv[1])
 gpt2_tokenizer().save_pretrained(sys.argv[1])
@@ -211,9 +211,9 @@ gpt2_tokenizer().save_pretrained(sys.argv[1])
 FRESH_PROCESS = """
 import json, sys, time
 start = time.perf_counter()
-from gpt2gen.loading import load_model
-from gpt2gen.generation import generate, stream
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.models.loading import load_model
+from gpt2gen.decoding.generation import generate, stream
+from gpt2gen.decoding.sampling import SamplingParams
 loaded = load_model(sys.argv[1], device="cpu")
 loaded_at = time.perf_counter()
 steps = stream(loaded.model, loaded.tokenizer, "The fox is", SamplingParams.greedy(), 128)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-from gpt2gen.gpt2_reference import gpt2_tokenizer
+from gpt2gen.models.gpt2_reference import gpt2_tokenizer
 
 
 def tiny_gpt2(seed: int = 0, n_positions: int = 128) -> GPT2LMHeadModel:

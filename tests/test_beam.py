@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
-from gpt2gen.beam import beam_search
-from gpt2gen.generation import encode_prompts, generate
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.decoding.beam import beam_search
+from gpt2gen.decoding.generation import encode_prompts, generate
+from gpt2gen.decoding.sampling import SamplingParams
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
 

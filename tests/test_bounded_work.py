@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from gpt2gen import automaton, token_index
-from gpt2gen.automaton import PatternTooLarge, regex_automaton
-from gpt2gen.constraints import json_schema_regex
-from gpt2gen.schema_check import MAX_SCHEMA_CHARS, UnsupportedSchema, read_schema_file
-from gpt2gen.token_index import Vocabulary, build_token_index, index_cache_path, trim_cache, vocabulary_of
+from gpt2gen.constrained import automaton, token_index
+from gpt2gen.constrained.automaton import PatternTooLarge, regex_automaton
+from gpt2gen.constrained.constraints import json_schema_regex
+from gpt2gen.constrained.schema_check import MAX_SCHEMA_CHARS, UnsupportedSchema, read_schema_file
+from gpt2gen.constrained.token_index import Vocabulary, build_token_index, index_cache_path, trim_cache, vocabulary_of
 
 
 @pytest.mark.parametrize(("pattern", "limit"), [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2gen.cli import printable
+from gpt2gen.apps.cli import printable
 from gpt2gen.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from test_cli import run_cli, texts_of
 
-from gpt2gen.cli import main
+from gpt2gen.apps.cli import main
 
 
 def test_regex_end_to_end(tiny_model_dir, tmp_path):

@@ -7,8 +7,8 @@ import json
 import pytest
 from test_cli import run_cli, texts_of
 
-from gpt2gen.generation import generate
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.decoding.generation import generate
+from gpt2gen.decoding.sampling import SamplingParams
 
 PROMPT = "The fox is"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpt2gen.cli import main
+from gpt2gen.apps.cli import main
 
 PROMPT = "one two three four one two three four one two"
 

@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2gen.automaton import regex_automaton
-from gpt2gen.conditional import matching_paths, rejection_sample, score_paths
-from gpt2gen.constraints import Constraint, TokenMask
-from gpt2gen.generation import decode_steps
-from gpt2gen.sampling import SamplingParams
-from gpt2gen.token_index import Vocabulary, build_token_index
+from gpt2gen.constrained.automaton import regex_automaton
+from gpt2gen.constrained.constraints import Constraint, TokenMask
+from gpt2gen.constrained.token_index import Vocabulary, build_token_index
+from gpt2gen.decoding.generation import decode_steps
+from gpt2gen.decoding.sampling import SamplingParams
+from gpt2gen.study.conditional import matching_paths, rejection_sample, score_paths
 
 TOKENS = ["a", "b", "ab", "ba", "aba", "c", "bb", None]  # None: end-of-text
 EOS = TOKENS.index(None)

@@ -9,15 +9,15 @@ import jsonschema
 import pytest
 import torch
 
-from gpt2gen.constraints import (
+from gpt2gen.constrained.constraints import (
     TokenMask,
     UnsatisfiablePattern,
     json_schema_constraint,
     json_schema_regex,
     regex_constraint,
 )
-from gpt2gen.generation import generate, stream
-from gpt2gen.sampling import SamplingParams, process_logits
+from gpt2gen.decoding.generation import generate, stream
+from gpt2gen.decoding.sampling import SamplingParams, process_logits
 
 # One row per method: greedy, pure sampling, temperature, top-k, top-p, min-p, typical, combined.
 METHODS = SamplingParams(
@@ -155,7 +155,7 @@ def test_unsatisfiable_or_inexpressible_constraints_fail_before_generation(tiny_
 
 def test_on_the_embedded_model_json_always_parses():
     """The one test on a real model: SmolLM2-135M-Instruct writes JSON valid under the schema, sampled or greedy."""
-    from gpt2gen.loading import load_model
+    from gpt2gen.models.loading import load_model
 
     loaded = load_model("embedded")
     constraint = json_schema_constraint(SCHEMA, loaded.tokenizer)

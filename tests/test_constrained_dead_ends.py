@@ -14,10 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpt2gen.constraints import regex_constraint
-from gpt2gen.generation import generate
-from gpt2gen.processors import LogitsPipeline
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.constrained.constraints import regex_constraint
+from gpt2gen.decoding.generation import generate
+from gpt2gen.decoding.processors import LogitsPipeline
+from gpt2gen.decoding.sampling import SamplingParams
 
 # Patterns that n-gram blocking can starve (a long run of one character) and ordinary ones.
 PATTERNS = ["x{40}", "(ab){3,8}", "[0-9]{2,12}", "(yes|no)", " ?[a-z]{1,5}( [a-z]{1,5}){0,3}"]

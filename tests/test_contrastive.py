@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2gen.contrastive import contrastive_decode, contrastive_scores, degeneration_penalty
-from gpt2gen.generation import encode_prompts
-from gpt2gen.sampling import SamplingParams, check_penalty_alpha
+from gpt2gen.decoding.contrastive import contrastive_decode, contrastive_scores, degeneration_penalty
+from gpt2gen.decoding.generation import encode_prompts
+from gpt2gen.decoding.sampling import SamplingParams, check_penalty_alpha
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
 

@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from gpt2gen.demo import DemoInputError, chart_frame, compare, launch, make_request, stream_updates
-from gpt2gen.generation import generate
-from gpt2gen.loading import LoadedModel, load_model
-from gpt2gen.sampling import SamplingParams, process_logits
+from gpt2gen.apps.demo import DemoInputError, chart_frame, compare, launch, make_request, stream_updates
+from gpt2gen.decoding.generation import generate
+from gpt2gen.decoding.sampling import SamplingParams, process_logits
+from gpt2gen.models.loading import LoadedModel, load_model
 
 PROMPT = "The old lighthouse keeper opened the door and saw"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from gpt2gen.demo import STRUCTURED_EXAMPLE, DemoInputError, structured, structured_updates
-from gpt2gen.loading import LoadedModel, load_model
-from gpt2gen.token_index import cached_index
+from gpt2gen.apps.demo import STRUCTURED_EXAMPLE, DemoInputError, structured, structured_updates
+from gpt2gen.constrained.token_index import cached_index
+from gpt2gen.models.loading import LoadedModel, load_model
 
 SLOW_PATTERN = "[a-z ]{300,600}"  # 600 states and about 17 million (state, token) pairs: seconds to build
 

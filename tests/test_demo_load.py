@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gpt2gen.demo import launch
-from gpt2gen.loading import load_model
-from gpt2gen.token_index import cached_index
+from gpt2gen.apps.demo import launch
+from gpt2gen.constrained.token_index import cached_index
+from gpt2gen.models.loading import load_model
 
 SPEC = importlib.util.spec_from_file_location("demo_load", Path(__file__).parents[1] / "benchmarks" / "demo_load.py")
 demo_load = importlib.util.module_from_spec(SPEC)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_demo import free_port
 
-from gpt2gen.demo import DemoInputError, chart_frame, compare, launch, make_request
-from gpt2gen.generation import generate
-from gpt2gen.loading import load_model
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.apps.demo import DemoInputError, chart_frame, compare, launch, make_request
+from gpt2gen.decoding.generation import generate
+from gpt2gen.decoding.sampling import SamplingParams
+from gpt2gen.models.loading import load_model
 
 
 @pytest.fixture(scope="module")

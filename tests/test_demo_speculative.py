@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from gpt2gen.demo import REJECTED_STYLE, DemoInputError, make_request, speculative_updates
-from gpt2gen.generation import generate
-from gpt2gen.loading import LoadedModel, load_model
+from gpt2gen.apps.demo import REJECTED_STYLE, DemoInputError, make_request, speculative_updates
+from gpt2gen.decoding.generation import generate
+from gpt2gen.models.loading import LoadedModel, load_model
 
 PROMPT = "one two three four one two three four one two three four one two"
 

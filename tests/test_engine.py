@@ -33,15 +33,15 @@ from transformers import (
 )
 
 from conftest import tiny_gpt2
-from gpt2gen import speculative
-from gpt2gen.automaton import regex_automaton
-from gpt2gen.beam import beam_search
-from gpt2gen.constraints import Constraint, TokenMask, regex_constraint
-from gpt2gen.drafters import ModelDrafter, PromptLookup, SuffixLookup
-from gpt2gen.generation import generate
-from gpt2gen.sampling import SamplingParams
-from gpt2gen.speculative import speculative_generate, speculative_steps
-from gpt2gen.token_index import Vocabulary, build_token_index
+from gpt2gen.constrained.automaton import regex_automaton
+from gpt2gen.constrained.constraints import Constraint, TokenMask, regex_constraint
+from gpt2gen.constrained.token_index import Vocabulary, build_token_index
+from gpt2gen.decoding import speculative
+from gpt2gen.decoding.beam import beam_search
+from gpt2gen.decoding.drafters import ModelDrafter, PromptLookup, SuffixLookup
+from gpt2gen.decoding.generation import generate
+from gpt2gen.decoding.sampling import SamplingParams
+from gpt2gen.decoding.speculative import speculative_generate, speculative_steps
 
 PROMPT = "the cat and the cat and the"
 PATTERN = r"( [a-z]{1,6}){1,8}"

@@ -23,8 +23,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2gen import cli, embedded, loading
-from gpt2gen.loading import ModelLoadError, load_model
+from gpt2gen.apps import cli
+from gpt2gen.models import embedded, loading
+from gpt2gen.models.loading import ModelLoadError, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "results" / "01_text_generation.py"
@@ -251,7 +252,7 @@ def test_many_samples_run_in_chunks_of_bounded_size():
 
 
 def test_chunks_reproduce_and_the_first_chunk_is_the_one_batch_run(tiny_model_dir):
-    from gpt2gen.samples import generate_texts, sample_settings
+    from gpt2gen.apps.samples import generate_texts, sample_settings
 
     loaded = load_model(str(tiny_model_dir), device="cpu")
     settings = sample_settings(5, True, False)
@@ -491,7 +492,7 @@ def tiny(tiny_model_dir):
 
 
 def test_compare_accepts_only_distinct_known_methods(tiny):
-    from gpt2gen.demo import DemoInputError, compare
+    from gpt2gen.apps.demo import DemoInputError, compare
 
     with pytest.raises(DemoInputError, match="Each method can be compared once"):
         compare(tiny, "Hi", ["Greedy"] * 2000)
@@ -502,7 +503,7 @@ def test_compare_accepts_only_distinct_known_methods(tiny):
 
 
 def test_a_prompt_beyond_the_context_is_a_clear_message(tiny):
-    from gpt2gen.demo import DemoInputError, compare
+    from gpt2gen.apps.demo import DemoInputError, compare
 
     long_prompt = "🙂" * 100  # 100 characters, more tokens than the tiny model's 128-token context
     with pytest.raises(DemoInputError, match=r"tokens long, but .* reads at most 128 tokens"):
@@ -511,7 +512,7 @@ def test_a_prompt_beyond_the_context_is_a_clear_message(tiny):
 
 def test_the_demo_model_getter_honours_the_name(tiny_model_dir, tmp_path, tokenizer):
     from conftest import tiny_gpt2
-    from gpt2gen import demo
+    from gpt2gen.apps import demo
 
     other = tmp_path / "other"
     tiny_gpt2(seed=1, n_positions=64).save_pretrained(other)
@@ -531,7 +532,7 @@ def test_served_demo_refuses_hostile_requests_without_tracebacks(tiny, capfd):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from gpt2gen.demo import launch
+    from gpt2gen.apps.demo import launch
 
     port = free_port()
     app = launch(tiny, port=port, prevent_thread_lock=True)
@@ -582,9 +583,9 @@ def test_the_demo_command_takes_ascii_counts_only():
 
 
 def test_the_readme_states_the_limits_the_code_applies():
-    from gpt2gen import demo
-    from gpt2gen.checks import REPETITION_PENALTY_LIMITS
-    from gpt2gen.sampling import MIN_TEMPERATURE
+    from gpt2gen.apps import demo
+    from gpt2gen.decoding.checks import REPETITION_PENALTY_LIMITS
+    from gpt2gen.decoding.sampling import MIN_TEMPERATURE
 
     section = (ROOT / "README.md").read_text().split("## Under faults", 1)[1].split("\n## ", 1)[0]
     for stated in (f"1 to {cli.MAX_SAMPLES:,}", f"at most {cli.CHUNK_TOKENS:,} tokens ({cli.MAX_CHUNK_ROWS} rows",
@@ -649,7 +650,7 @@ def test_every_numeric_option_states_its_range_in_help():
 
 
 def test_a_regex_anchor_is_explained():
-    from gpt2gen.automaton import regex_automaton
+    from gpt2gen.constrained.automaton import regex_automaton
 
     with pytest.raises(ValueError, match=r"anchors are supported only at the start"):
         regex_automaton("a$b")
@@ -657,9 +658,9 @@ def test_a_regex_anchor_is_explained():
 
 def test_the_repetition_penalty_limits_keep_half_precision_logits_finite():
     """At both ends of the stated range, float16 logits as large as GPT-2's stay finite; just past them, refused."""
-    from gpt2gen.checks import REPETITION_PENALTY_LIMITS
-    from gpt2gen.penalties import apply_repetition_penalty
-    from gpt2gen.sampling import SamplingParams
+    from gpt2gen.decoding.checks import REPETITION_PENALTY_LIMITS
+    from gpt2gen.decoding.penalties import apply_repetition_penalty
+    from gpt2gen.decoding.sampling import SamplingParams
 
     logits = torch.tensor([[-300.0, -1.0, 1.0, 300.0]], dtype=torch.float16)
     ids = torch.tensor([[0, 1, 2, 3]])
@@ -707,9 +708,9 @@ def draft_gpt2(**config) -> GPT2LMHeadModel:
 @pytest.mark.parametrize("vocab_size", [50_304, 50_000])
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 def test_a_draft_model_with_another_vocabulary_size_is_refused(tiny, vocab_size, temperature):
-    from gpt2gen.drafters import ModelDrafter
-    from gpt2gen.sampling import SamplingParams
-    from gpt2gen.speculative import speculative_generate
+    from gpt2gen.decoding.drafters import ModelDrafter
+    from gpt2gen.decoding.sampling import SamplingParams
+    from gpt2gen.decoding.speculative import speculative_generate
 
     drafter = ModelDrafter(draft_gpt2(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0), 4)
     with pytest.raises(ValueError, match=f"the draft model scores {vocab_size:,} token ids and the model 50,257"):
@@ -727,10 +728,10 @@ def test_the_cli_refuses_a_draft_model_with_a_padded_vocabulary(tiny_model_dir, 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 def test_a_draft_model_with_a_shorter_context_drafts_only_within_it(tiny, temperature):
     """A 16-position drafter helps while the text fits its context, then drafts nothing; greedy text is unchanged."""
-    from gpt2gen.drafters import ModelDrafter
-    from gpt2gen.generation import generate
-    from gpt2gen.sampling import SamplingParams
-    from gpt2gen.speculative import speculative_generate
+    from gpt2gen.decoding.drafters import ModelDrafter
+    from gpt2gen.decoding.generation import generate
+    from gpt2gen.decoding.sampling import SamplingParams
+    from gpt2gen.decoding.speculative import speculative_generate
 
     params = SamplingParams(temperature=temperature)
     result = speculative_generate(tiny.model, tiny.tokenizer, "a b a b a b", ModelDrafter(draft_gpt2(n_positions=16), 5),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2
-from gpt2gen.generation import (
+from gpt2gen.decoding.generation import (
     IncrementalDecoder,
     decode_steps,
     decode_steps_without_cache,
@@ -14,7 +14,7 @@ from gpt2gen.generation import (
     generate,
     stream,
 )
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.decoding.sampling import SamplingParams
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
 

@@ -8,9 +8,16 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig
 
-from gpt2gen.generation import decode_steps, encode_prompts, generate
-from gpt2gen.inspection import architecture, entropy_bits, kept_counts, live_steps, step_statistics, token_probabilities
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.decoding.generation import decode_steps, encode_prompts, generate
+from gpt2gen.decoding.sampling import SamplingParams
+from gpt2gen.study.inspection import (
+    architecture,
+    entropy_bits,
+    kept_counts,
+    live_steps,
+    step_statistics,
+    token_probabilities,
+)
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
 PARAMS = SamplingParams(top_p=[0.9, 0.5, 1.0])

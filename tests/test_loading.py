@@ -9,9 +9,9 @@ import torch
 from huggingface_hub import constants as hub_constants
 from transformers import GPT2Config
 
-from gpt2gen import embedded, loading
-from gpt2gen.gpt2_reference import GPT2_SIZES, gpt2_config, gpt2_tokenizer, parameter_breakdown
-from gpt2gen.loading import ModelLoadError, load_model
+from gpt2gen.models import embedded, loading
+from gpt2gen.models.gpt2_reference import GPT2_SIZES, gpt2_config, gpt2_tokenizer, parameter_breakdown
+from gpt2gen.models.loading import ModelLoadError, load_model
 
 # The published https://huggingface.co/gpt2/blob/main/config.json values that define the model.
 PUBLISHED_GPT2_CONFIG = {
@@ -150,8 +150,8 @@ def test_default_falls_back_to_the_embedded_model_with_a_notice(offline, monkeyp
 
 def test_embedded_model_generates_real_text():
     """The embedded model is a real pre-trained model: it knows the capital of France."""
-    from gpt2gen.generation import generate
-    from gpt2gen.sampling import SamplingParams
+    from gpt2gen.decoding.generation import generate
+    from gpt2gen.decoding.sampling import SamplingParams
 
     loaded = load_model(embedded.EMBEDDED_ALIAS, device="cpu")
     assert loaded.model.num_parameters() == 134_515_008

@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2gen import constraints
-from gpt2gen.constraints import TokenMask, device_index, regex_constraint
-from gpt2gen.generation import generate
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.constrained import constraints
+from gpt2gen.constrained.constraints import TokenMask, device_index, regex_constraint
+from gpt2gen.decoding.generation import generate
+from gpt2gen.decoding.sampling import SamplingParams
 
 PATTERNS = [r"[0-9]{2,5}", r"(yes|no|maybe)", r' ?"[^"]{0,4}"', r"(café|日本語)[à-ÿ]?"]
 

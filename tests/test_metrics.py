@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2
-from gpt2gen import comparison, metrics
-from gpt2gen.generation import generate
-from gpt2gen.loading import load_model
-from gpt2gen.sampling import SamplingParams
+from gpt2gen.decoding.generation import generate
+from gpt2gen.decoding.sampling import SamplingParams
+from gpt2gen.models.loading import load_model
+from gpt2gen.study import comparison, metrics
 
 
 def test_distinct_n_by_hand():

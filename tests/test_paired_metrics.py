@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from gpt2gen import metrics
+from gpt2gen.study import metrics
 
 token_lists = st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=12), min_size=1, max_size=6)
 

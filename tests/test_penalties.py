@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_sampling import logit_batches, same
 from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-from gpt2gen.penalties import (
+from gpt2gen.decoding.penalties import (
     apply_presence_frequency_penalty,
     apply_repetition_penalty,
     no_repeat_ngram_filter,

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from test_token_index import assert_same_index
 
-from gpt2gen import automaton
-from gpt2gen.automaton import PatternTooLarge, UnsatisfiablePattern, regex_automaton
-from gpt2gen.token_index import vocabulary_of
+from gpt2gen.constrained import automaton
+from gpt2gen.constrained.automaton import PatternTooLarge, UnsatisfiablePattern, regex_automaton
+from gpt2gen.constrained.token_index import vocabulary_of
 
 # Characters where ASCII and Unicode readings differ, UTF-8 lengths 1 to 4, and the specials of `re`.
 CHARS = "a b _ 7 é ß ٣ 日 😀 \u00a0 \u2003 \n \t - ] ^ \" \\ . İ".split(" ") + [" "]

@@ -18,7 +18,7 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from gpt2gen.sampling import (
+from gpt2gen.decoding.sampling import (
     SamplingParams,
     apply_temperature,
     fused_top_k_top_p,

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpt2gen.automaton import PatternTooLarge, regex_automaton
-from gpt2gen.constraints import json_schema_regex
-from gpt2gen.schema_check import REASONS, SAFE_FORMATS, UnsupportedSchema, check_schema
+from gpt2gen.constrained.automaton import PatternTooLarge, regex_automaton
+from gpt2gen.constrained.constraints import json_schema_regex
+from gpt2gen.constrained.schema_check import REASONS, SAFE_FORMATS, UnsupportedSchema, check_schema
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -14,11 +14,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
 from conftest import tiny_gpt2
-from gpt2gen import speculative
-from gpt2gen.drafters import Draft, ModelDrafter, PromptLookup, SuffixLookup, early_exit_model
-from gpt2gen.generation import encode_prompts, generate
-from gpt2gen.sampling import SamplingParams, process_logits
-from gpt2gen.speculative import speculative_generate, speculative_steps, speculative_stream, verify_sampled
+from gpt2gen.decoding import speculative
+from gpt2gen.decoding.drafters import Draft, ModelDrafter, PromptLookup, SuffixLookup, early_exit_model
+from gpt2gen.decoding.generation import encode_prompts, generate
+from gpt2gen.decoding.sampling import SamplingParams, process_logits
+from gpt2gen.decoding.speculative import speculative_generate, speculative_steps, speculative_stream, verify_sampled
 
 PROMPT = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return a + b\n\n\ndef add("
 MAX_NEW = 24

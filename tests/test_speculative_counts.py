@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2gen.drafters import PromptLookup
-from gpt2gen.sampling import SamplingParams
-from gpt2gen.speculative import speculative_generate
+from gpt2gen.decoding.drafters import PromptLookup
+from gpt2gen.decoding.sampling import SamplingParams
+from gpt2gen.decoding.speculative import speculative_generate
 
 SPEC = importlib.util.spec_from_file_location("speculative_benchmark", Path(__file__).parents[1] / "benchmarks" / "speculative.py")
 bench = importlib.util.module_from_spec(SPEC)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpt2gen.constraints import TokenMask, regex_constraint
-from gpt2gen.generation import Chooser, decode_steps, encode_prompts, generate, stream
-from gpt2gen.processors import LogitsPipeline
-from gpt2gen.sampling import SamplingParams
-from gpt2gen.static_cache import StaticDecoder, resolve_cache_implementation, static_decode_steps
+from gpt2gen.constrained.constraints import TokenMask, regex_constraint
+from gpt2gen.decoding.generation import Chooser, decode_steps, encode_prompts, generate, stream
+from gpt2gen.decoding.processors import LogitsPipeline
+from gpt2gen.decoding.sampling import SamplingParams
+from gpt2gen.decoding.static_cache import StaticDecoder, resolve_cache_implementation, static_decode_steps
 
 PROMPTS = ["Hello world, the fox is", "A", "The quick brown fox jumps over the lazy"]
 
@@ -105,7 +105,7 @@ def test_a_cuda_graph_needs_a_cuda_device(tiny_model, tokenizer):
 
 def test_static_greedy_on_the_embedded_llama_matches_generate():
     """Another architecture (Llama: rotary positions, grouped keys and values): the same tokens as generate."""
-    from gpt2gen.loading import load_model
+    from gpt2gen.models.loading import load_model
 
     loaded = load_model("embedded", device="cpu")
     input_ids, attention_mask = encode_prompts(loaded.tokenizer, ["The capital of France is", "Hi"], "cpu")

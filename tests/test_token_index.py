@@ -13,9 +13,9 @@ from outlines_core import Vocabulary as OutlinesVocabulary
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
-from gpt2gen import token_index as token_index_module
-from gpt2gen.automaton import UnsatisfiablePattern, regex_automaton
-from gpt2gen.token_index import Vocabulary, build_token_index, token_index, vocabulary_of
+from gpt2gen.constrained import token_index as token_index_module
+from gpt2gen.constrained.automaton import UnsatisfiablePattern, regex_automaton
+from gpt2gen.constrained.token_index import Vocabulary, build_token_index, token_index, vocabulary_of
 
 PATTERNS = [
     r"[0-9]+",  # digits

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from .loading import context_length
+from ..models.loading import context_length
 from .sampling import SamplingParams, process_logits
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ..constrained.constraints import TokenMask
 from .checks import as_values
-from .constraints import TokenMask
 from .penalties import left_padding, ngram_step, presence_frequency_step, repetition_step
 from .sampling import SamplingParams, any_value, compute_dtype, per_row
 

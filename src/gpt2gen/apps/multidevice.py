@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .loading import LoadedModel
+from ..models.loading import LoadedModel
 from .samples import generate_texts
 
 

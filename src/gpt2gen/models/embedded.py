@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .files import cache_root
-from .progress import progress_bars_off
+from ..files import cache_root
+from ..progress import progress_bars_off
 
 # The names `loading.py` resolves; here, in a module without torch, so the CLI can print its help at once.
 DEFAULT_MODEL = "gpt2"

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from .constraints import Constraint
-from .drafters import Drafter
-from .generation import generate, stream
-from .loading import LoadedModel
-from .sampling import SamplingParams
-from .speculative import speculative_stream
+from ..constrained.constraints import Constraint
+from ..decoding.drafters import Drafter
+from ..decoding.generation import generate, stream
+from ..decoding.sampling import SamplingParams
+from ..decoding.speculative import speculative_stream
+from ..models.loading import LoadedModel
 
 TEMPERATURE_SWEEP_MAX = 1.2
 

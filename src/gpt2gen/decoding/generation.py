@@ -26,9 +26,9 @@ from tokenizers.decoders import DecodeStream
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .constraints import Constraint, TokenMask
+from ..constrained.constraints import Constraint, TokenMask
+from ..models.loading import context_length
 from .contrastive import contrastive_decode
-from .loading import context_length
 from .processors import LogitsPipeline
 from .sampling import SamplingParams
 from .static_cache import resolve_cache_implementation, static_decode_steps

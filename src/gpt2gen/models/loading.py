@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..files import cache_root
+from ..progress import progress_bars_off
 from . import embedded
 from .embedded import DEFAULT_MODEL, MODEL_ENV_VAR
-from .files import cache_root
-from .progress import progress_bars_off
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
-from . import beam, contrastive, generation, metrics, penalties, processors, sampling
-from .beam import beam_search
-from .files import cache_root
-from .generation import generate
-from .loading import LoadedModel
-from .progress import progress_bars_off
-from .sampling import SamplingParams
+from ..decoding import beam, contrastive, generation, penalties, processors, sampling
+from ..decoding.beam import beam_search
+from ..decoding.generation import generate
+from ..decoding.sampling import SamplingParams
+from ..files import cache_root
+from ..models.loading import LoadedModel
+from ..progress import progress_bars_off
+from . import metrics
 
 # Shipped inside the package, so that an installed copy (not only a checkout) finds them.
 DATA = resources.files("gpt2gen") / "data"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .checks import (
+from ..decoding.checks import (
     MIN_TEMPERATURE,
     REPETITION_PENALTY_LIMITS,
     check_no_repeat_ngram_size,
@@ -33,11 +33,11 @@ from .checks import (
     check_text,
     check_top_k,
 )
-from .files import check_writable, write_json_atomic
+from ..files import check_writable, write_json_atomic
 
 if TYPE_CHECKING:
-    from .constraints import Constraint
-    from .loading import LoadedModel
+    from ..constrained.constraints import Constraint
+    from ..models.loading import LoadedModel
 
 # This module imports torch, transformers and Lightning only inside functions, so that an
 # interrupt or a bad value during start-up ends in one line, never a traceback.
@@ -86,7 +86,7 @@ def real_number(text: str) -> float:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command line's options (parsing imports neither torch nor transformers)."""
-    from .embedded import DEFAULT_MODEL, MODEL_ENV_VAR
+    from ..models.embedded import DEFAULT_MODEL, MODEL_ENV_VAR
 
     parser = _Parser(
         prog=prog,
@@ -335,7 +335,7 @@ def check_remedies(args: argparse.Namespace) -> None:
 
 def read_schema(path: str) -> str:
     """The text of the --json_schema file (a regular file, within the size limit); a UsageError otherwise."""
-    from .schema_check import read_schema_file
+    from ..constrained.schema_check import read_schema_file
 
     try:
         return read_schema_file(path)
@@ -345,8 +345,8 @@ def read_schema(path: str) -> str:
 
 def check_constraint(args: argparse.Namespace) -> None:
     """Refuse, before any model loads, a --regex or --json_schema that the automaton could not keep exactly."""
-    from .automaton import parse
-    from .schema_check import json_schema_regex  # torch-free, like every check before the model loads
+    from ..constrained.automaton import parse
+    from ..constrained.schema_check import json_schema_regex  # torch-free, like every check before the model loads
 
     try:
         if args.regex is not None:
@@ -359,7 +359,7 @@ def check_constraint(args: argparse.Namespace) -> None:
 
 def build_constraint(args: argparse.Namespace, loaded: LoadedModel) -> Constraint | None:
     """The --regex or --json_schema constraint for the loaded tokenizer; a UsageError if it cannot be met."""
-    from .constraints import json_schema_constraint, regex_constraint
+    from ..constrained.constraints import json_schema_constraint, regex_constraint
 
     try:
         if args.regex is not None:
@@ -473,8 +473,8 @@ def header(index: int, total: int, setting: dict[str, float]) -> str:
 
 def speculative_drafter(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, dict] | None:
     """A maker of fresh drafters and its description, or None when no speculative option is set."""
-    from .drafters import ModelDrafter, SuffixLookup, check_draft_model, early_exit_model
-    from .loading import ModelLoadError, load_model
+    from ..decoding.drafters import ModelDrafter, SuffixLookup, check_draft_model, early_exit_model
+    from ..models.loading import ModelLoadError, load_model
 
     if args.prompt_lookup_num_tokens is not None:
         n = args.prompt_lookup_num_tokens
@@ -580,7 +580,7 @@ def generate_and_save(args: argparse.Namespace, target: Path | None, out: Output
 
     import torch
 
-    from .loading import DEFAULT_MODEL, MODEL_ENV_VAR, ModelLoadError, load_model
+    from ..models.loading import DEFAULT_MODEL, MODEL_ENV_VAR, ModelLoadError, load_model
     from .samples import sample_settings
 
     processes = min(request.count, args.num_samples)
@@ -773,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
         output_json = args.output_json
         target = validate(args)  # before the imports: a bad value costs milliseconds, not seconds
         with _QuitOnInterrupt(prog, args.output_json):
-            from . import loading, samples  # noqa: F401  (torch and transformers: seconds)
+            from ..models import loading  # noqa: F401  (torch and transformers: seconds)
+            from . import samples  # noqa: F401  (torch and transformers: seconds)
 
             if args.devices.strip() not in ("auto", "1") and not args.stream:
                 from . import multidevice  # noqa: F401  (Lightning)

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from ..files import cache_root
 from . import automaton as automaton_module
 from .automaton import DEAD, ByteAutomaton, Deadline, PatternTooLarge, UnsatisfiablePattern, regex_automaton
-from .files import cache_root
 
 INDEX_FORMAT = 2  # the file layout; the code that builds the index is in the cache key too (code_fingerprint)
 STATES_PER_CHUNK = 64  # states walked together: bounds the [states, tokens] result and the working arrays

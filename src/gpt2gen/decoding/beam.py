@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .constraints import Constraint
+from ..constrained.constraints import Constraint
+from ..models.loading import context_length
 from .generation import constraint_mask, encode_prompts
-from .loading import context_length
 from .processors import LogitsPipeline
 from .sampling import SamplingParams
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .constraints import Constraint, TokenMask
+from ..constrained.constraints import Constraint, TokenMask
+from ..models.loading import context_length
 from .drafters import Draft, Drafter, ModelDrafter, check_draft_model
 from .generation import IncrementalDecoder, check_room, constraint_mask, encode_prompts, make_generator
-from .loading import context_length
 from .processors import LogitsPipeline
 from .sampling import SamplingParams, process_logits
 

@@ -24,12 +24,12 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from .automaton import BuildCancelled, cancellable  # noqa: E402
-from .constraints import json_schema_constraint, regex_constraint  # noqa: E402
-from .generation import generate, stream  # noqa: E402
-from .inspection import token_label  # noqa: E402
-from .loading import LoadedModel, load_model, requested_model_name  # noqa: E402
-from .sampling import SamplingParams, apply_temperature  # noqa: E402
+from ..constrained.automaton import BuildCancelled, cancellable  # noqa: E402
+from ..constrained.constraints import json_schema_constraint, regex_constraint  # noqa: E402
+from ..decoding.generation import generate, stream  # noqa: E402
+from ..decoding.sampling import SamplingParams, apply_temperature  # noqa: E402
+from ..models.loading import LoadedModel, load_model, requested_model_name  # noqa: E402
+from ..study.inspection import token_label  # noqa: E402
 
 METHODS = ("Greedy", "Top-k", "Top-p", "Temperature", "Contrastive")
 MAX_PROMPT_CHARS = 2000
@@ -252,8 +252,8 @@ def speculative_updates(loaded: LoadedModel, request: Request, num_tokens: int,
     Accepted guesses are shown green, the model's own tokens plain, rejected guesses red and struck
     through (shown once, never part of the text). The text is the one `stream_updates` gives.
     """
-    from .drafters import SuffixLookup
-    from .speculative import speculative_stream
+    from ..decoding.drafters import SuffixLookup
+    from ..decoding.speculative import speculative_stream
 
     num_tokens = int(_number("draft length", num_tokens, 1, 16, whole=True))
     stop = stop or threading.Event()
@@ -590,8 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from ..models.loading import ModelLoadError
     from .cli import whole_number
-    from .loading import ModelLoadError
 
     parser = argparse.ArgumentParser(
         prog="02_interactive_demo.py",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .token_index import TokenIndex
+from ..constrained.token_index import TokenIndex
 
 MAX_PATHS = 100_000
 

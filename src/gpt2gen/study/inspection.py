@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .generation import GenerationResult, encode_prompts
+from ..decoding.generation import GenerationResult, encode_prompts
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Constrained decoding's machinery: a regular expression (or a JSON Schema) to an automaton, to an index of the tokens each state allows, to the mask a batch applies. Imports only `models`' level."""

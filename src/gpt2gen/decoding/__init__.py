@@ -1,0 +1,1 @@
+"""Decoding: the settings and their checks, the one pipeline of logits processors, the loop and its caches, beam search, contrastive search, speculative decoding and its drafters. Imports `constrained` and `models`."""

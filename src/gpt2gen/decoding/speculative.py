@@ -15,6 +15,11 @@ with, plus one token of the target's own: between 1 and k + 1 tokens per target 
   the target's distribution after d_k. Each emitted token is then distributed exactly as p
   (derived in notebook 07). A deterministic drafter (prompt lookup) has q = a point mass.
 
+The logits processors (`processors.py`: the repetition remedies, a constraint's mask) act on the
+target's logits at every drafted position, on the context that position would have (the text so
+far and the drafted tokens before it), so p is exactly the plain loop's distribution there and
+both rules above keep their guarantee; on a rejection the processors' state is rolled back too.
+
 After a verification the target's KV cache holds keys and values for every drafted token; those
 past the first rejection are cut off (`DynamicCache.crop`), and the draft model's cache is cut back
 the same way on its next call, so neither model ever attends to a rejected token.
@@ -224,6 +229,15 @@ def _scores_along(pipeline: LogitsPipeline, logits: torch.Tensor, drafted: torch
     return torch.cat(rows), len(rows)
 
 
+def _prompt_steps(model, tokenizer, prompt, drafter, params, max_new_tokens, seed, eos, constraint):
+    """What `speculative_generate` and `speculative_stream` share: the prompt's ids, the constraint's mask, the steps."""
+    input_ids, _ = encode_prompts(tokenizer, prompt, model.device)
+    mask = constraint_mask(model, constraint, 1, eos)
+    steps = speculative_steps(model, input_ids, drafter, params, max_new_tokens, make_generator(seed, model.device),
+                              eos, mask)
+    return input_ids, mask, steps
+
+
 def speculative_generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -239,11 +253,10 @@ def speculative_generate(
 
     The settings and `constraint` are those of `generate` (finish reasons included), for one prompt.
     """
-    input_ids, _ = encode_prompts(tokenizer, prompt, model.device)
     eos = tokenizer.eos_token_id if stop_at_eos else None
-    mask = constraint_mask(model, constraint, 1, eos)
-    blocks = list(speculative_steps(model, input_ids, drafter, params, max_new_tokens,
-                                    make_generator(seed, model.device), eos, mask))
+    input_ids, mask, steps = _prompt_steps(model, tokenizer, prompt, drafter, params, max_new_tokens, seed, eos,
+                                           constraint)
+    blocks = list(steps)
     new_tokens = [t for block in blocks for t in block.tokens]
     if blocks and blocks[-1].finished:
         reason = "eos"
@@ -290,11 +303,9 @@ def speculative_stream(
     constraint: Constraint | None = None,
 ) -> Iterator[SpeculativeChunk]:
     """Like `generation.stream`, one chunk per target pass; joining the chunks' `text` gives the output."""
-    input_ids, _ = encode_prompts(tokenizer, prompt, model.device)
     decoder = IncrementalDecoder(tokenizer)
-    eos = tokenizer.eos_token_id
-    steps = speculative_steps(model, input_ids, drafter, params, max_new_tokens, make_generator(seed, model.device),
-                              eos, constraint_mask(model, constraint, 1, eos))
+    _, _, steps = _prompt_steps(model, tokenizer, prompt, drafter, params, max_new_tokens, seed, tokenizer.eos_token_id,
+                                constraint)
     last: Block | None = None
     for last in steps:
         accepted_text = "".join(decoder.push(t) for t in last.tokens[: last.accepted])

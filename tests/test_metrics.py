@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import tiny_gpt2
 from gpt2gen.decoding.generation import generate
@@ -132,6 +134,42 @@ def test_perplexity_scores_only_the_continuation(tiny_model, tokenizer):
     assert together == pytest.approx(expected, rel=1e-5)
     assert metrics.perplexity(tiny_model, tokenizer, [prompt, "Another, much longer prompt than the first one"],
                               [continuation, [1, 2, 3, 4, 5]]) == pytest.approx(ppl, rel=1e-5)
+
+
+PROMPTS = ["The fox is", "Another, much longer prompt than the first one", "A"]
+
+
+def not_top1_oracle(model, tokenizer, prompt: str, continuation: list[int], shift: int = 1) -> int:
+    """One prefix at a time, unbatched: does each token differ from the argmax given everything before it?
+
+    `shift` = 0 is the wrong twin: it compares each token with the logits at its own position (the
+    prediction of the token after it), an off-by-one that the real check must tell apart.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    off = 0
+    for i, token in enumerate(continuation):
+        prefix = ids + continuation[: i + 1 - shift]
+        with torch.no_grad():
+            off += int(int(model(torch.tensor([prefix])).logits[0, -1].argmax()) != token)
+    return off
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.lists(st.integers(0, 50256), min_size=1, max_size=6), min_size=1, max_size=3),
+       st.integers(1, 3))
+def test_continuation_terms_count_tokens_off_the_first_choice(tiny_model, tokenizer, continuations, batch_size):
+    prompts = PROMPTS[: len(continuations)]
+    terms = metrics.continuation_terms(tiny_model, tokenizer, prompts, continuations, batch_size=batch_size)
+    assert [off for _, _, off in terms] == [not_top1_oracle(tiny_model, tokenizer, p, c) for p, c in zip(prompts, continuations)]
+
+
+def test_greedy_text_has_no_token_off_the_first_choice_and_the_wrong_twin_fails(tiny_model, tokenizer):
+    # Greedy continuations of the same model (generated left-padded, scored right-padded): none is off the argmax.
+    greedy = generate(tiny_model, tokenizer, PROMPTS, SamplingParams.greedy(), max_new_tokens=8).new_tokens
+    assert [off for _, _, off in metrics.continuation_terms(tiny_model, tokenizer, PROMPTS, greedy)] == [0, 0, 0]
+    # A continuation that always takes the argmax is 0 for the oracle and not for its off-by-one twin.
+    assert [not_top1_oracle(tiny_model, tokenizer, p, c) for p, c in zip(PROMPTS, greedy)] == [0, 0, 0]
+    assert sum(not_top1_oracle(tiny_model, tokenizer, p, c, shift=0) for p, c in zip(PROMPTS, greedy)) > 0
 
 
 def test_local_prompts_load_through_datasets(monkeypatch):

@@ -3,7 +3,8 @@
 Perplexity (how likely the model finds the text), distinct-n and Self-BLEU-4 (diversity),
 repetition (share of generations stuck in a loop at the end), the Zipf coefficient (how the
 token frequencies fall off with rank) and mean length; rep-n and diversity as Su et al. (2022)
-measured them (repetition inside each generation); and how uncertain each of them is when
+measured them (repetition inside each generation); how often a text leaves the model's most
+probable next token (`continuation_terms`); and how uncertain each of them is when
 measured on a few generations (`bootstrap_interval`, `jackknife_interval`, `proportion_interval`),
 or how uncertain a difference between two methods run on the same prompts is
 (`paired_bootstrap_interval`, `mcnemar_exact`).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -168,7 +169,34 @@ def perplexity_terms(
     continuations: Sequence[Tokens], batch_size: int = 16,
 ) -> list[tuple[float, int]]:
     """Each continuation's (negative log-likelihood in nats, number of tokens) given its prompt."""
+    return [(nll, n) for nll, n, _ in continuation_terms(model, tokenizer, prompts, continuations, batch_size)]
+
+
+def continuation_terms(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+    continuations: Sequence[Tokens], batch_size: int = 16,
+) -> list[tuple[float, int, int]]:
+    """Each continuation's (negative log-likelihood in nats, number of tokens, tokens not the model's first choice).
+
+    Every token is scored given its prompt and the tokens before it, in one forward pass per batch:
+    its negative log-likelihood (`perplexity_of` takes the first two terms), and whether it differs
+    from the argmax of the model's logits there. That count is 0 for a greedy continuation of the
+    same model; for contrastive search it counts the steps where the degeneration penalty overruled
+    the probability.
+    """
     terms = []
+    for logits, targets in _continuation_logits(model, tokenizer, prompts, continuations, batch_size):
+        log_probs = torch.log_softmax(logits, dim=-1)
+        nll = -float(log_probs.gather(-1, targets[:, None])[:, 0].sum())
+        terms.append((nll, len(targets), int((logits.argmax(dim=-1) != targets).sum())))
+    return terms
+
+
+def _continuation_logits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+    continuations: Sequence[Tokens], batch_size: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each continuation, in order: the float logits that predict its tokens `[n, vocab]`, and its tokens `[n]`."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(prompts), batch_size):
         rows, targets = [], []
@@ -184,11 +212,8 @@ def perplexity_terms(
             mask[i, : len(row)] = 1
         with torch.inference_mode():
             logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-        token_log_probs = log_probs.gather(-1, input_ids[:, 1:, None].to(model.device))[..., 0]
         for i, (context_len, n) in enumerate(targets):
-            terms.append((-float(token_log_probs[i, context_len - 1 : context_len - 1 + n].sum()), n))
-    return terms
+            yield logits[i, context_len - 1 : context_len - 1 + n], input_ids[i, context_len : context_len + n].to(model.device)
 
 
 def bootstrap_interval(

@@ -632,7 +632,7 @@ REFUSED_AT_ONCE = [
 @pytest.mark.parametrize(("args", "message"), REFUSED_AT_ONCE, ids=[" ".join(a)[:40] for a, _ in REFUSED_AT_ONCE])
 def test_bad_values_are_one_line_before_torch_loads(args, message):
     """The refusal comes from parsing and checking alone: torch and transformers are never imported."""
-    probe = ("import sys\nfrom gpt2gen import cli\ntry:\n    status = cli.main(sys.argv[1:])\n"
+    probe = ("import sys\nfrom gpt2gen.apps import cli\ntry:\n    status = cli.main(sys.argv[1:])\n"
              "except SystemExit as exc:  # argparse's refusals\n    status = exc.code\n"
              "sys.exit(90 if {'torch', 'transformers'} & set(sys.modules) else status)\n")
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120,

@@ -48,7 +48,8 @@ def test_three_streaming_clients_all_get_tokens_and_memory_stays_bounded(tiny_mo
 
 
 def test_a_full_queue_refuses_at_once_and_the_rest_complete(slow_model_dir):
-    """One generation at a time, one request waiting: of four clients arriving together, some are refused."""
+    """One generation at a time, one request waiting: of four clients arriving together, those beyond them are
+    refused at once and the others complete."""
     result = demo_load.run_load(str(slow_model_dir), clients=4, seconds=1, max_new_tokens=200, concurrency=1,
                                 max_queue=1, max_requests=1)
     records = [r for records in result["clients"] for r in records]
@@ -57,7 +58,9 @@ def test_a_full_queue_refuses_at_once_and_the_rest_complete(slow_model_dir):
     assert refused and all("queue is full" in r["error"].lower() for r in refused), refused
     assert all(r["seconds"] < 10 for r in refused)  # refused on arrival, not after waiting
     assert all(r["error"].startswith("HTTP 503") for r in refused)
-    assert sum(r["tokens"] == 200 for r in records) == 4 - len(refused) >= 2
+    # At most one running and one waiting are served: 2 of 4, or 1 when the others arrive before the
+    # first has left the queue for the worker (then the queue already holds one).
+    assert 1 <= sum(r["tokens"] == 200 for r in records) == 4 - len(refused) <= 2
 
 
 @contextmanager

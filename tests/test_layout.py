@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gpt2gen"
-LAYERS = ["", "models", "constrained", "decoding", "study", "apps"]  # "": the root's utilities (files, progress)
+LAYERS = ["", "models", "constrained", "decoding", "serving", "study", "apps"]  # "": the root's utilities (files, progress)
 
 
 def layer_of(module: str) -> str:

@@ -1,0 +1,1 @@
+"""Serving many users: continuous batching over a slot pool (notebook 09)."""

@@ -206,7 +206,8 @@ class Chooser:
     """One step's choice on the pipeline: cut, warp and draw, end empty and EOS rows, advance the state.
 
     Every operation has shapes that do not depend on the data, and none waits for the host, so the
-    static step can record it in a CUDA graph.
+    static step can record it in a CUDA graph. `cut` and `finish` are the two halves around the draw,
+    for a caller that draws for several choosers at once (the scheduler groups requests by settings).
     """
 
     def __init__(self, params: SamplingParams, pipeline: LogitsPipeline, generator: torch.Generator | None):
@@ -217,18 +218,28 @@ class Chooser:
                  eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens `[rows]` (pad for finished rows) and the scores they came from; updates `unfinished` and
         `blocked` in place."""
+        allowed = self.cut(logits, unfinished, blocked)
+        if self.resolved is None:
+            self.resolved = self.params.resolve(logits)  # once: later steps find the settings on the device
+        tokens, scores = self.resolved.select(allowed, self.generator)
+        return self.finish(tokens, unfinished, pad, eos_token_id), scores
+
+    def cut(self, logits: torch.Tensor, unfinished: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        """The scores after the processors; rows left with nothing allowed end as blocked."""
         allowed, empty = self.pipeline.cut(logits)
         if empty is not None:
             blocked |= empty & unfinished
             unfinished &= ~empty
-        if self.resolved is None:
-            self.resolved = self.params.resolve(logits)  # once: later steps find the settings on the device
-        tokens, scores = self.resolved.select(allowed, self.generator)
+        return allowed
+
+    def finish(self, tokens: torch.Tensor, unfinished: torch.Tensor, pad: torch.Tensor | int,
+               eos_token_id: int | None) -> torch.Tensor:
+        """The drawn tokens, pad for finished rows; the pipeline follows them, and EOS rows finish."""
         tokens = torch.where(unfinished, tokens, pad)
         self.pipeline.advance(tokens)
         if eos_token_id is not None:
             unfinished &= tokens != eos_token_id
-        return tokens, scores
+        return tokens
 
 
 def _steps(model, input_ids, attention_mask, params, pipeline, steps, generator, eos_token_id, pad_token_id,

@@ -85,7 +85,8 @@ class LogitsPipeline:
         """The scores `[rows, vocab]` after the penalties and the cuts, for the tokens so far. A row may be all -inf."""
         penalty, presence, frequency = self._resolved(scores.dtype)
         vocab = scores.shape[-1]
-        written = self.positions[None, :] < self.lengths[:, None]
+        if penalty is not None or presence is not None:
+            written = self.positions[None, :] < self.lengths[:, None]
         if penalty is not None:
             counted = written & (self.positions[None, :] >= self.padding[:, None])
             scores = repetition_step(self.history.masked_fill(~counted, vocab), scores, penalty)

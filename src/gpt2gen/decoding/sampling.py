@@ -216,14 +216,20 @@ class ResolvedParams:
         scores = _top_p(_top_k(scores, self), self) if combined is None else combined
         return _typical(_min_p(scores, self), self)
 
-    def select(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens `[batch]` and the scores they were drawn from; see `select_tokens`."""
+    def select(self, logits: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens `[batch]` and the scores they were drawn from; see `select_tokens`. `generator` may be one
+        generator per row (each row then draws as it would alone: a server's requests do)."""
         tokens = greedy(logits)
         if self.all_greedy:
             return tokens, logits  # nothing to warp, nothing to draw (like generate(do_sample=False))
         scores = self.warp(logits)
         probs = torch.softmax(scores, dim=-1)
-        sampled = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        if generator is None or isinstance(generator, torch.Generator):
+            sampled = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        else:
+            sampled = torch.cat([torch.multinomial(row, num_samples=1, generator=g)
+                                 for row, g in zip(probs.split(1), generator, strict=True)]).squeeze(1)
         if self.greedy_rows is None:
             return sampled, scores
         return torch.where(self.greedy_rows, tokens, sampled), scores

@@ -245,7 +245,7 @@ class Scheduler:
             live.length = live.prefilled
             live.handle.work.append((self.iteration, "prefill", chunk))
             if live.prefilled == len(prompt):
-                self._choose(live, logits[0:1])
+                self._choose([live], logits)
 
     def _admit(self) -> _Live | None:
         with self._lock:
@@ -284,8 +284,7 @@ class Scheduler:
         for live in rows:  # every row's new position is written before any row leaves (and may move)
             live.length += 1
             live.handle.work.append((self.iteration, "decode", 1))
-        for index, live in enumerate(rows):
-            self._choose(live, logits[index : index + 1])
+        self._choose(rows, logits)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -294,10 +293,27 @@ class Scheduler:
         self.forward_passes += 1
         return out.logits[:, -1].to(torch.float32)
 
-    def _choose(self, live: _Live, logits: torch.Tensor) -> None:
-        """The request's next token from its own processors and generator; send it, and end the request if due."""
-        tokens, scores = live.chooser(logits, live.unfinished, live.blocked, live.pad, live.eos)
-        handle, token = live.handle, int(tokens[0])
+    def _choose(self, rows: list[_Live], logits: torch.Tensor) -> None:
+        """Each row's next token, from its own processors and generator; send it, and end the request if due.
+
+        Rows with the same settings are warped as one block (a row's result does not depend on the
+        block), and each draws with its own generator."""
+        allowed = [live.chooser.cut(logits[i : i + 1], live.unfinished, live.blocked) for i, live in enumerate(rows)]
+        groups: dict[SamplingParams, list[int]] = {}
+        for index, live in enumerate(rows):
+            groups.setdefault(live.handle.request.params, []).append(index)
+        tokens, scores = [None] * len(rows), [None] * len(rows)
+        for params, members in groups.items():
+            block = torch.cat([allowed[i] for i in members])
+            chosen, warped = params.resolve(block).select(block, [rows[i].chooser.generator for i in members])
+            for place, index in enumerate(members):
+                tokens[index], scores[index] = chosen[place : place + 1], warped[place]
+        for index, live in enumerate(rows):
+            token = live.chooser.finish(tokens[index], live.unfinished, live.pad, live.eos)
+            self._take(live, int(token[0]), logits[index], scores[index])
+
+    def _take(self, live: _Live, token: int, logits: torch.Tensor, scores: torch.Tensor) -> None:
+        handle = live.handle
         if bool(live.blocked[0]):
             return self._leave(live, "blocked")
         now = time.perf_counter()
@@ -305,9 +321,7 @@ class Scheduler:
         handle.token_times.append(now)
         handle.tokens.append(token)
         live.next_token = token
-        piece = live.decoder.push(token)
-        stopped = self._send(live, piece, token, logits[0], scores[0])
-        if stopped:
+        if self._send(live, live.decoder.push(token), token, logits, scores):
             return self._leave(live, "stop")
         if not bool(live.unfinished[0]):
             return self._leave(live, "eos")

@@ -43,11 +43,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_demo(model: str, port: int, concurrency: int, max_queue: int) -> subprocess.Popen:
+def start_demo(model: str, port: int, batch: int, max_queue: int) -> subprocess.Popen:
     """The demo in a process of its own (its memory is then its own), serving on 127.0.0.1:`port` once it prints so."""
     env = {**os.environ, "GPT2GEN_MODEL": model, "GRADIO_ANALYTICS_ENABLED": "False"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.Popen([sys.executable, str(DEMO), "--port", str(port), "--concurrency", str(concurrency),
+    proc = subprocess.Popen([sys.executable, str(DEMO), "--port", str(port), "--batch", str(batch),
                              "--max_queue", str(max_queue)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + START_TIMEOUT_S
     seen = b""
@@ -131,11 +131,11 @@ def sample_rss(pid: int, stop: threading.Event, samples: list, started: float) -
             return
 
 
-def run_load(model: str, clients: int, seconds: float, max_new_tokens: int = 48, concurrency: int = 2,
+def run_load(model: str, clients: int, seconds: float, max_new_tokens: int = 48, batch: int = 16,
              max_queue: int = 32, max_requests: int = 50) -> dict:
     """Start the demo, drive `clients` streaming clients for `seconds`, stop it; the measurements."""
     port = free_port()
-    proc = start_demo(model, port, concurrency, max_queue)
+    proc = start_demo(model, port, batch, max_queue)
     url = f"http://127.0.0.1:{port}"
     rss: list = []
     stop = threading.Event()
@@ -170,7 +170,7 @@ def run_load(model: str, clients: int, seconds: float, max_new_tokens: int = 48,
     return {
         "machine": machine(),
         "settings": {"model": model, "clients": clients, "seconds": seconds, "max_new_tokens": max_new_tokens,
-                     "concurrency": concurrency, "max_queue": max_queue, "max_requests_per_client": max_requests},
+                     "batch": batch, "max_queue": max_queue, "max_requests_per_client": max_requests},
         "elapsed_s": round(elapsed, 2),
         "summary": summarize(results, idle_rss, rss),
         "server_tracebacks": log.count("Traceback"),
@@ -218,14 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent streaming clients (default: 8)")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long clients keep sending (default: 60)")
     parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--concurrency", type=int, default=2, help="the demo's generations served at once (default: 2)")
+    parser.add_argument("--batch", type=int, default=16, help="the demo's requests decoding together (default: 16)")
     parser.add_argument("--max_queue", type=int, default=32, help="the demo's waiting requests (default: 32)")
     parser.add_argument("--requests", type=int, default=50, help="at most this many requests per client")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not (1 <= args.clients <= 200 and 0 < args.seconds <= 3600 and args.requests >= 1):
         parser.error("--clients 1 to 200, --seconds up to 3600, --requests at least 1")
-    result = run_load(args.model_name, args.clients, args.seconds, args.max_new_tokens, args.concurrency,
+    result = run_load(args.model_name, args.clients, args.seconds, args.max_new_tokens, args.batch,
                       args.max_queue, args.requests)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from gpt2gen.apps.demo import DemoInputError, chart_frame, compare, launch, make_request, stream_updates
+from gpt2gen.apps.demo import (DemoInputError, chart_frame, compare, launch, make_request, scheduler_for,
+                                stream_updates)
 from gpt2gen.decoding.generation import generate
 from gpt2gen.decoding.sampling import SamplingParams, process_logits
 from gpt2gen.models.loading import LoadedModel, load_model
@@ -89,8 +90,20 @@ def test_stop_ends_the_stream_at_once(tiny):
     assert rest[0].status.startswith("Stopped: 3 tokens")
 
 
-def test_closing_the_stream_stops_the_worker(tiny):
+def test_closing_the_stream_frees_the_slot(tiny):
+    scheduler = scheduler_for(tiny)
     updates = stream_updates(tiny, make_request("The fox is", "Greedy", max_new_tokens=200))
+    next(updates)
+    next(updates)
+    updates.close()
+    deadline = time.monotonic() + 10
+    while scheduler.busy() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not scheduler.busy()
+
+
+def test_closing_a_contrastive_stream_stops_its_worker(tiny):
+    updates = stream_updates(tiny, make_request("The fox is", "Contrastive", top_k=4, max_new_tokens=200))
     next(updates)
     updates.close()
     time.sleep(0.2)
@@ -108,12 +121,13 @@ def test_chart_marks_what_the_method_keeps(tiny):
         assert frame.status.iloc[0] == "kept"
 
 
-def test_compare_runs_each_method_in_one_batch(tiny):
-    table = compare(tiny, "The fox is", ["Greedy", "Top-p", "Temperature"], 1.0, 50, 0.9, 12, 0)
-    assert list(table.method) == ["Greedy", "Top-p", "Temperature"]
-    assert list(table.settings) == ["argmax", "T = 1, p = 0.9", "T = 1"]
-    greedy = generate(tiny.model, tiny.tokenizer, "The fox is", SamplingParams.greedy(), 12).texts[0]
-    assert table.text[0] == greedy
+def test_compare_serves_each_method_as_it_runs_alone(tiny):
+    table = compare(tiny, "The fox is", ["Greedy", "Top-p", "Temperature", "Contrastive"], 1.0, 4, 0.9, 12, 3)
+    assert list(table.method) == ["Greedy", "Top-p", "Temperature", "Contrastive"]
+    assert list(table.settings) == ["argmax", "T = 1, p = 0.9", "T = 1", "alpha = 0.6, k = 4"]
+    for method, text in zip(table.method, table.text):
+        params = make_request("The fox is", method, 1.0, 4, 0.9, 12, 3).params
+        assert text == generate(tiny.model, tiny.tokenizer, "The fox is", params, 12, seed=3).texts[0]
     with pytest.raises(DemoInputError, match="at least one method"):
         compare(tiny, "The fox is", [])
 

@@ -24,7 +24,7 @@ SPEC = importlib.util.spec_from_file_location("demo_load", Path(__file__).parent
 demo_load = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(demo_load)
 
-# The model is loaded once and each of the `concurrency` generations holds one KV cache and its
+# The model is loaded once and the scheduler's slot pool (`batch` slots of the tiny model's 128 positions) and its
 # activations: a bound far below this for the tiny model, whatever the number of clients.
 GROWTH_BOUND_MIB = 200
 
@@ -48,9 +48,9 @@ def test_three_streaming_clients_all_get_tokens_and_memory_stays_bounded(tiny_mo
 
 
 def test_a_full_queue_refuses_at_once_and_the_rest_complete(slow_model_dir):
-    """One generation at a time, one request waiting: of four clients arriving together, those beyond them are
-    refused at once and the others complete."""
-    result = demo_load.run_load(str(slow_model_dir), clients=4, seconds=1, max_new_tokens=200, concurrency=1,
+    """A batch of one, one user waiting: of four clients arriving together, those beyond them are refused at
+    once and the others complete."""
+    result = demo_load.run_load(str(slow_model_dir), clients=4, seconds=1, max_new_tokens=200, batch=1,
                                 max_queue=1, max_requests=1)
     records = [r for records in result["clients"] for r in records]
     refused = [r for r in records if r["error"] is not None]

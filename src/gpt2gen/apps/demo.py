@@ -6,6 +6,12 @@ temperature sampling, contrastive search) with only its own controls shown, the 
 current step's most probable next tokens (kept or cut by the method), and a tab that runs one
 prompt with several methods side by side, and a tab for structured output (text forced to match
 a regular expression or a JSON Schema, see `constraints.py`).
+
+Every greedy and sampled generation of the Generate, Compare and Structured tabs is a request to one
+`serving.scheduler.Scheduler` (one model, one batch, continuous batching: notebook 09), so users
+share each forward pass instead of waiting for each other. Contrastive search (k candidates
+through the model at every step) and the Speculative tab (several tokens per pass) have loops of
+their own, which run beside the batch.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from ..constrained.constraints import json_schema_constraint, regex_constraint  
 from ..decoding.generation import generate, stream  # noqa: E402
 from ..decoding.sampling import SamplingParams, apply_temperature  # noqa: E402
 from ..models.loading import LoadedModel, load_model, requested_model_name  # noqa: E402
+from ..serving.scheduler import QueueFull, Scheduler  # noqa: E402
+from ..serving.scheduler import Request as ServedRequest  # noqa: E402
 from ..study.inspection import token_label  # noqa: E402
 
 METHODS = ("Greedy", "Top-k", "Top-p", "Temperature", "Contrastive")
@@ -41,7 +49,8 @@ NGRAM_RANGE = (0, 10)
 CHART_TOKENS = 12
 STEP_TIMEOUT_S = 120  # longest wait for one token before the stream gives up
 STATUS_EVERY_S = 0.5  # how often the structured tab reports while it builds (and notices a user who left)
-MAX_QUEUE = 32  # requests waiting for a free generation slot; more are refused at once
+MAX_QUEUE = 32  # users waiting for the server to take their request; more are refused at once
+BATCH = 16  # requests decoding together in the scheduler's one batch
 
 
 class DemoInputError(ValueError):
@@ -192,22 +201,53 @@ class Update:
     status: str
 
 
-def stream_updates(loaded: LoadedModel, request: Request, stop: threading.Event | None = None) -> Iterator[Update]:
-    """Generate on a worker thread and yield an `Update` per token; setting `stop` ends it at once.
+def stream_updates(loaded: LoadedModel, request: Request, stop: threading.Event | None = None,
+                   scheduler: Scheduler | None = None) -> Iterator[Update]:
+    """Generate and yield an `Update` per token; setting `stop` ends it at once.
 
-    The worker runs the package's `stream`; tokens pass through a queue, so the caller (a Gradio
-    handler) never blocks the model and a Stop is seen between two tokens.
+    Greedy and sampling are a request to the scheduler (`scheduler_for(loaded)` unless one is given);
+    contrastive search runs the package's `stream` on a worker thread. Either way tokens pass through
+    a queue, so the caller (a Gradio handler) never blocks the model and a Stop is seen between two tokens.
     """
     stop = stop or threading.Event()
+    if request.method == "Contrastive":
+        yield from _updates(loaded, request, stop, _contrastive_chunks(loaded, request, stop))
+        return
+    scheduler = scheduler or scheduler_for(loaded)
+    try:
+        handle = scheduler.submit(ServedRequest(request.prompt, request.params, request.max_new_tokens, request.seed,
+                                                output_scores=True))
+    except QueueFull as exc:
+        raise DemoInputError(f"The server is busy: {exc}.") from None
+    except ValueError as exc:
+        raise DemoInputError(str(exc)) from None
+    try:
+        yield from _updates(loaded, request, stop, _handle_chunks(handle, stop))
+    finally:
+        handle.cancel()  # no-op once finished; frees the slot at once when the user stopped or left
+
+
+def _handle_chunks(handle, stop: threading.Event) -> Iterator:
+    while not stop.is_set():
+        try:
+            event = handle.next_event(timeout=STATUS_EVERY_S)
+        except queue.Empty:
+            continue
+        if event is None:
+            return
+        yield event
+
+
+def _contrastive_chunks(loaded: LoadedModel, request: Request, stop: threading.Event) -> Iterator:
     chunks: queue.Queue = queue.Queue()
-    done = object()
+    done, left = object(), threading.Event()  # left: the caller stopped reading (stop, or the user left)
 
     def work() -> None:
         steps = stream(loaded.model, loaded.tokenizer, request.prompt, request.params, request.max_new_tokens,
                        request.seed)
         try:
             for chunk in steps:
-                if stop.is_set():
+                if stop.is_set() or left.is_set():
                     break
                 chunks.put(chunk)
         except Exception as exc:  # reported to the caller, not lost on the thread
@@ -218,23 +258,31 @@ def stream_updates(loaded: LoadedModel, request: Request, stop: threading.Event 
 
     worker = threading.Thread(target=work, name="gpt2gen-demo-stream", daemon=True)
     worker.start()
-    text, count, chart = request.prompt, 0, empty_chart()
     try:
-        while True:
-            item = chunks.get(timeout=STEP_TIMEOUT_S)
-            if item is done or stop.is_set():
-                break
+        while (item := chunks.get(timeout=STEP_TIMEOUT_S)) is not done and not stop.is_set():
             if isinstance(item, Exception):
                 raise item
-            text += item.text
+            yield item
+    finally:
+        left.set()
+        worker.join(timeout=STEP_TIMEOUT_S)
+
+
+def _updates(loaded: LoadedModel, request: Request, stop: threading.Event, chunks: Iterator) -> Iterator[Update]:
+    """Text, chart and status after each chunk (a token, or the text held back to the end), then the last status."""
+    text, count, chart = request.prompt, 0, empty_chart()
+    try:
+        for chunk in chunks:
+            text += chunk.text
+            if chunk.token_id is None:
+                continue
             count += 1
-            chart = chart_frame(item.logits, item.scores, request, loaded)
+            chart = chart_frame(chunk.logits, chunk.scores, request, loaded)
             yield Update(text, chart, count, f"Generating… {_tokens(count)}")
         ended = "Stopped" if stop.is_set() else "Done"
         yield Update(text, chart, count, f"{ended}: {_tokens(count)} from {loaded.label}")
     finally:
         stop.set()
-        worker.join(timeout=STEP_TIMEOUT_S)
 
 
 def _escape(text: str) -> str:
@@ -285,11 +333,12 @@ def _tokens(count: int) -> str:
 
 
 def compare(loaded: LoadedModel, prompt, methods: Sequence[str], temperature=1.0, top_k=50, top_p=0.9,
-            max_new_tokens=60, seed=0, **remedies) -> pd.DataFrame:
-    """The same prompt with several methods, generated as one batch with one row of settings per method.
+            max_new_tokens=60, seed=0, scheduler: Scheduler | None = None, **remedies) -> pd.DataFrame:
+    """The same prompt with several methods, each a request to the scheduler with the same seed.
 
+    Each text is the one that method gives alone with that seed (in the Generate tab too).
     `remedies` (repetition_penalty, ..., penalty_alpha, as `make_request` takes them) apply to every
-    method; contrastive search, which is deterministic, runs as a batch of its own.
+    method; contrastive search runs with `generate`, beside the batch.
     """
     if isinstance(methods, str) or not methods:
         raise DemoInputError("Choose at least one method to compare.")
@@ -299,21 +348,30 @@ def compare(loaded: LoadedModel, prompt, methods: Sequence[str], temperature=1.0
         raise DemoInputError(f"Each method can be compared once (at most {len(METHODS)}): {', '.join(METHODS)}.")
     requests = [make_request(prompt, m, temperature, top_k, top_p, max_new_tokens, seed, **remedies) for m in methods]
     check_fits(loaded, requests[0])
-    texts: dict[int, str] = {}
-    for contrastive in (False, True):
-        batch = [i for i, r in enumerate(requests) if (r.method == "Contrastive") == contrastive]
-        if not batch:
-            continue
-        params = SamplingParams(**{name: [getattr(requests[i].params, name) for i in batch] for name in _PER_ROW})
-        result = generate(loaded.model, loaded.tokenizer, [prompt] * len(batch), params,
-                          max_new_tokens=requests[0].max_new_tokens, seed=requests[0].seed)
-        texts.update(zip(batch, result.texts))
+    texts = [h.text for h in serve_all(loaded, [(r.prompt, r.params, r.seed) for r in requests
+                                                 if r.method != "Contrastive"], requests[0].max_new_tokens, scheduler)]
+    texts.reverse()
     return pd.DataFrame({"method": list(methods), "settings": [r.settings for r in requests],
-                         "text": [texts[i] for i in range(len(requests))]})
+                         "text": [generate(loaded.model, loaded.tokenizer, prompt, r.params, r.max_new_tokens).texts[0]
+                                  if r.method == "Contrastive" else texts.pop() for r in requests]})
 
 
-_PER_ROW = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "presence_penalty",
-            "frequency_penalty", "penalty_alpha")
+def serve_all(loaded: LoadedModel, jobs: Sequence[tuple], max_new_tokens: int, scheduler: Scheduler | None = None,
+              constraint=None) -> list:
+    """(prompt, params, seed) jobs submitted together to the scheduler, waited for: their finished handles.
+    A refusal is a message."""
+    scheduler = scheduler or scheduler_for(loaded)
+    try:
+        handles = [scheduler.submit(ServedRequest(prompt, params, max_new_tokens, seed, constraint))
+                   for prompt, params, seed in jobs]
+    except QueueFull as exc:
+        raise DemoInputError(f"The server is busy: {exc}.") from None
+    except ValueError as exc:
+        raise DemoInputError(str(exc)) from None
+    for handle in handles:
+        for _ in handle:
+            pass
+    return handles
 
 
 STRUCTURED_KINDS = ("Regular expression", "JSON Schema")
@@ -325,8 +383,10 @@ STRUCTURED_EXAMPLE = ('{"type": "object", "properties": {"name": {"type": "strin
 
 
 def structured(loaded: LoadedModel, prompt, kind: str, spec: str, method: str = "Top-p", temperature=1.0, top_k=50,
-               top_p=0.9, max_new_tokens=60, seed=0, samples: int = 3) -> pd.DataFrame:
-    """Several samples under a regex or JSON Schema constraint, one batch; says which are complete."""
+               top_p=0.9, max_new_tokens=60, seed=0, samples: int = 3, scheduler: Scheduler | None = None
+               ) -> pd.DataFrame:
+    """Several samples under a regex or JSON Schema constraint (sample i with seed + i), requests to the
+    scheduler; says which are complete."""
     if kind not in STRUCTURED_KINDS:
         raise DemoInputError(f"Choose one of {', '.join(STRUCTURED_KINDS)}.")
     if not (spec or "").strip():
@@ -337,15 +397,16 @@ def structured(loaded: LoadedModel, prompt, kind: str, spec: str, method: str = 
                       else json_schema_constraint(spec, loaded.tokenizer))
     except ValueError as exc:
         raise DemoInputError(str(exc)) from None
-    result = generate(loaded.model, loaded.tokenizer, [request.prompt] * samples, request.params,
-                      max_new_tokens=request.max_new_tokens, seed=request.seed, constraint=constraint)
-    status = [STRUCTURED_STATUS.get(r, "complete") for r in result.finish_reasons]
-    return pd.DataFrame({"sample": list(range(1, samples + 1)), "text": result.texts, "status": status})
+    seeds = [None if request.seed is None else request.seed + i for i in range(samples)]
+    handles = serve_all(loaded, [(request.prompt, request.params, s) for s in seeds], request.max_new_tokens,
+                        scheduler, constraint)
+    status = [STRUCTURED_STATUS.get(h.finish_reason, "complete") for h in handles]
+    return pd.DataFrame({"sample": list(range(1, samples + 1)), "text": [h.text for h in handles], "status": status})
 
 
 def structured_updates(loaded: LoadedModel, stop: threading.Event, prompt, kind: str, spec: str,
                        method: str = "Top-p", temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=60,
-                       seed=0) -> Iterator[tuple[pd.DataFrame | None, str]]:
+                       seed=0, scheduler: Scheduler | None = None) -> Iterator[tuple[pd.DataFrame | None, str]]:
     """`structured` on a worker thread: (None, a status) while it builds and generates, then (the table, "Done").
 
     Closing the iterator, as Gradio does when the user leaves, sets `stop`: a constraint still being
@@ -358,7 +419,7 @@ def structured_updates(loaded: LoadedModel, stop: threading.Event, prompt, kind:
         try:
             with cancellable(stop):
                 results.put(structured(loaded, prompt, kind, spec, method, temperature, top_k, top_p,
-                                       max_new_tokens, seed))
+                                       max_new_tokens, seed, scheduler=scheduler))
         except BuildCancelled:
             results.put(None)
         except Exception as exc:  # reported to the caller, not lost on the thread
@@ -396,6 +457,29 @@ def get_model(name: str | None = None) -> LoadedModel:
         return _loaded[key]
 
 
+_schedulers: dict[int, Scheduler] = {}
+
+
+def scheduler_for(loaded: LoadedModel, batch: int = BATCH, max_waiting: int | None = None) -> Scheduler:
+    """The running scheduler that serves `loaded` (made and started on first use, one per model).
+
+    A slot holds the model's context, or the longest request the demo takes when that is less
+    (a prompt of `MAX_PROMPT_CHARS` tokens and `MAX_NEW_TOKENS`): the memory it holds is
+    `batch x capacity x bytes per token` (`Scheduler.cache.nbytes`). Its waiting line takes every
+    request Gradio lets through (a Compare of every method is `len(METHODS)` requests).
+    """
+    with _loaded_lock:
+        scheduler = _schedulers.get(id(loaded))
+        if scheduler is None or scheduler.slots != batch:
+            if scheduler is not None:
+                scheduler.close()
+            capacity = min(loaded.context_length, MAX_PROMPT_CHARS + MAX_NEW_TOKENS)
+            waiting = max_waiting or batch * len(METHODS)
+            scheduler = _schedulers[id(loaded)] = Scheduler(loaded.model, loaded.tokenizer, slots=batch,
+                                                            max_waiting=waiting, capacity=capacity).start()
+        return scheduler
+
+
 def _visibility(method: str):
     sampled = method not in ("Greedy", "Contrastive")
     return (gr.update(visible=sampled), gr.update(visible=method in ("Top-k", "Contrastive")),
@@ -413,8 +497,10 @@ def _remedy_controls() -> list:
         ]
 
 
-def build_app(loaded: LoadedModel) -> gr.Blocks:
-    """The page: a Generate tab (streaming, Stop, live chart) and a Compare tab."""
+def build_app(loaded: LoadedModel, scheduler: Scheduler | None = None) -> gr.Blocks:
+    """The page: Generate (streaming, Stop, live chart), Compare, Structured output and Speculative tabs,
+    served by `scheduler` (default: `scheduler_for(loaded)`)."""
+    scheduler = scheduler or scheduler_for(loaded)
     stops: dict[str, threading.Event] = {}
     stops_lock = threading.Lock()
 
@@ -436,13 +522,13 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
         with stops_lock:
             stops[request.session_hash] = event
         yield prompt, None, f"Starting… ({loaded.label})"
-        for update in stream_updates(loaded, checked, event):
+        for update in stream_updates(loaded, checked, event, scheduler):
             yield update.text, update.chart, update.status
 
     def run_structured(prompt, kind, spec, method, temperature, top_p, max_new_tokens, seed):
         try:
             for table, status in structured_updates(loaded, threading.Event(), prompt, kind, spec, method,
-                                                    temperature, 50, top_p, max_new_tokens, seed):
+                                                    temperature, 50, top_p, max_new_tokens, seed, scheduler):
                 yield gr.skip() if table is None else table, status
         except DemoInputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
@@ -453,7 +539,8 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
                     "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
                     "penalty_alpha": penalty_alpha}
         try:
-            return compare(loaded, prompt, methods, temperature, top_k, top_p, max_new_tokens, seed or 0, **remedies)
+            return compare(loaded, prompt, methods, temperature, top_k, top_p, max_new_tokens, seed or 0, scheduler,
+                           **remedies)
         except DemoInputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
@@ -571,15 +658,17 @@ CSS = "#chart, #chart svg { overflow: visible !important; } #chart { margin-bott
 
 
 def launch(loaded: LoadedModel | None = None, host: str = "127.0.0.1", port: int | None = None,
-           prevent_thread_lock: bool = False, concurrency: int = 2, max_queue: int = MAX_QUEUE) -> gr.Blocks:
+           prevent_thread_lock: bool = False, batch: int = BATCH, max_queue: int = MAX_QUEUE) -> gr.Blocks:
     """Serve the app on loopback (sharing off); returns it (call `.close()` to stop).
 
-    At most `concurrency` generations run at once; up to `max_queue` more requests wait, and a
-    request beyond them is refused at once ("queue is full"), so memory stays bounded by the model
-    and `concurrency` generations whatever the number of users.
+    Up to `batch` requests decode together in the scheduler's batch, and as many users' handlers run
+    at once; up to `max_queue` more users wait in Gradio's queue, and one beyond them is refused at
+    once ("queue is full"). Memory is bounded by the model and the scheduler's slot pool, allocated
+    at start (`batch x capacity x bytes per token`), whatever the number of users.
     """
-    app = build_app(loaded or get_model())
-    app.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    loaded = loaded or get_model()
+    app = build_app(loaded, scheduler_for(loaded, batch))
+    app.queue(default_concurrency_limit=batch, max_size=max_queue)
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
                prevent_thread_lock=prevent_thread_lock, quiet=True, css=CSS)
     return app
@@ -602,19 +691,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to your network)")
     parser.add_argument("--port", type=whole_number, default=7860, help="port, 1 to 65535 (default: 7860)")
     parser.add_argument("--model_name", default=None, help="Hub id or local folder (default: $GPT2GEN_MODEL, else gpt2)")
-    parser.add_argument("--concurrency", type=whole_number, default=2,
-                        help="generations served at once, at least 1 (default: 2)")
+    parser.add_argument("--batch", type=whole_number, default=BATCH,
+                        help=f"requests decoding together in one batch, at least 1 (default: {BATCH})")
     parser.add_argument("--max_queue", type=whole_number, default=MAX_QUEUE,
                         help=f"requests that may wait for a free slot, at least 1; more are refused (default: {MAX_QUEUE})")
     args = parser.parse_args(argv)
-    if not 1 <= args.port <= 65535 or args.concurrency < 1 or args.max_queue < 1:
-        parser.exit(2, f"{parser.prog}: error: --port must be 1-65535, --concurrency and --max_queue at least 1\n")
+    if not 1 <= args.port <= 65535 or args.batch < 1 or args.max_queue < 1:
+        parser.exit(2, f"{parser.prog}: error: --port must be 1-65535, --batch and --max_queue at least 1\n")
     try:
         loaded = get_model(args.model_name)
     except ModelLoadError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     try:
-        app = launch(loaded, host=args.host, port=args.port, prevent_thread_lock=True, concurrency=args.concurrency,
+        app = launch(loaded, host=args.host, port=args.port, prevent_thread_lock=True, batch=args.batch,
                      max_queue=args.max_queue)
     except OSError as exc:
         parser.exit(2, f"{parser.prog}: error: cannot serve on {args.host}:{args.port}: {_first_line(exc)} "

@@ -111,13 +111,21 @@ class Handle:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The request's next event, or None once it has finished; raises `queue.Empty` after `timeout` seconds."""
+        item = self.events.get(timeout=timeout)
+        if item is _DONE:
+            self.events.put(_DONE)  # finished stays finished for every later call
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     def __iter__(self) -> Iterator[Event]:
         """The request's events as they come, until it finishes; leaving the loop early cancels it."""
         try:
-            while (item := self.events.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            while (event := self.next_event()) is not None:
+                yield event
         finally:
             if not self.done:
                 self.cancel()

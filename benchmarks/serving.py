@@ -4,9 +4,10 @@ A load generator sends the same seeded trace of requests (Poisson arrivals; prom
 lengths drawn uniformly) to four servers, one after another and in a rotating order, and measures
 what each user sees:
 
-- "one at a time": each request runs alone, in arrival order (the demo with concurrency 1);
+- "one at a time": each request runs alone, in arrival order (a server with one generation at a time);
 - "static batches": when the server is free it takes every request that has arrived (up to the
-  batch size) and runs them as one left-padded batch until its longest member is done;
+  batch size) and runs them as one left-padded batch until its longest member is done
+  (`gpt2gen.serving.static_batches`; one at a time is its batch of one);
 - "continuous (ours)": `gpt2gen.serving.scheduler.Scheduler`, requests joining and leaving the
   batch at every step;
 - "continuous (transformers)": transformers' own continuous batching manager
@@ -37,13 +38,13 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from gpt2gen.decoding.generation import decode_steps, make_generator
 from gpt2gen.decoding.sampling import SamplingParams
 from gpt2gen.files import write_json_atomic
 from gpt2gen.models.gpt2_reference import gpt2_tokenizer
 from gpt2gen.models.hardware import cpu_name
 from gpt2gen.serving.scheduler import Request, Scheduler
 from gpt2gen.serving.slots import bytes_per_token
+from gpt2gen.serving.static_batches import StaticBatcher
 from gpt2gen.study.comparison import load_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
@@ -88,58 +89,33 @@ def _wait_until(moment: float) -> None:
         time.sleep(delay)
 
 
-def one_at_a_time(model, tokenizer, trace: list[TraceRequest]) -> list[Served]:
-    served, start = [], time.perf_counter()
-    for request in trace:
-        _wait_until(start + request.arrival)
-        record = Served(start + request.arrival)
-        ids = torch.tensor([request.prompt_ids])
-        for _ in decode_steps(model, ids, None, PARAMS, request.new_tokens, make_generator(request.seed, model.device),
-                              output_scores=False):
-            record.token_times.append(time.perf_counter())
-        served.append(record)
-    return served
-
-
-def static_batches(model, tokenizer, trace: list[TraceRequest]) -> list[Served]:
-    served = [Served(0.0) for _ in trace]
-    start, next_index, pad = time.perf_counter(), 0, tokenizer.eos_token_id
-    while next_index < len(trace):
-        _wait_until(start + trace[next_index].arrival)
-        now = time.perf_counter() - start
-        batch = [i for i in range(next_index, len(trace)) if trace[i].arrival <= now][:BATCH]
-        next_index = batch[-1] + 1
-        width = max(len(trace[i].prompt_ids) for i in batch)
-        ids = torch.tensor([[pad] * (width - len(trace[i].prompt_ids)) + trace[i].prompt_ids for i in batch])
-        mask = torch.tensor([[0] * (width - len(trace[i].prompt_ids)) + [1] * len(trace[i].prompt_ids) for i in batch])
-        longest = max(trace[i].new_tokens for i in batch)
-        for step, _ in enumerate(decode_steps(model, ids, mask, PARAMS, longest, make_generator(trace[batch[0]].seed,
-                                                                                                 model.device),
-                                              output_scores=False), 1):
-            now = time.perf_counter()
-            for i in batch:
-                if step <= trace[i].new_tokens:
-                    served[i].token_times.append(now)
-        for i in batch:
-            served[i].arrival = start + trace[i].arrival
-    return served
-
-
-def continuous_ours(model, tokenizer, trace: list[TraceRequest]) -> list[Served]:
-    capacity = max(len(r.prompt_ids) + r.new_tokens for r in trace)
-    scheduler = Scheduler(model, tokenizer, slots=BATCH, max_waiting=len(trace), capacity=capacity)
+def drive(server, tokenizer, trace: list[TraceRequest]) -> list[Served]:
+    """Submit each request when its arrival time comes, step the server while it has work, until all are done."""
     handles, start, index = [], time.perf_counter(), 0
-    while index < len(trace) or scheduler.busy():
+    while index < len(trace) or server.busy():
         while index < len(trace) and time.perf_counter() - start >= trace[index].arrival:
             r = trace[index]
-            handles.append(scheduler.submit(Request(tokenizer.decode(r.prompt_ids), PARAMS, r.new_tokens, r.seed,
-                                                    stop_at_eos=False)))
+            handles.append(server.submit(Request(tokenizer.decode(r.prompt_ids), PARAMS, r.new_tokens, r.seed,
+                                                 stop_at_eos=False)))
             index += 1
-        if scheduler.busy():
-            scheduler.step()
+        if server.busy():
+            server.step()
         elif index < len(trace):
             _wait_until(start + trace[index].arrival)
     return [Served(start + r.arrival, h.token_times) for r, h in zip(trace, handles)]
+
+
+def one_at_a_time(model, tokenizer, trace: list[TraceRequest]) -> list[Served]:
+    return drive(StaticBatcher(model, tokenizer, slots=1), tokenizer, trace)
+
+
+def static_batches(model, tokenizer, trace: list[TraceRequest]) -> list[Served]:
+    return drive(StaticBatcher(model, tokenizer, slots=BATCH), tokenizer, trace)
+
+
+def continuous_ours(model, tokenizer, trace: list[TraceRequest]) -> list[Served]:
+    capacity = max(len(r.prompt_ids) + r.new_tokens for r in trace) + 8  # room for a prompt that re-encodes longer
+    return drive(Scheduler(model, tokenizer, slots=BATCH, max_waiting=len(trace), capacity=capacity), tokenizer, trace)
 
 
 def continuous_transformers(model, tokenizer, trace: list[TraceRequest]) -> list[Served]:
@@ -206,13 +182,14 @@ def embedded() -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     return loaded.model, loaded.tokenizer, loaded.label
 
 
-def run(models: list[Callable], rates: list[float], requests: int, prompt_range, output_range, seed: int) -> dict:
+def run(models: dict[str, Callable], rates: dict[str, list[float]], requests: int, prompt_range, output_range,
+        seed: int) -> dict:
     table, ratios = [], {"continuous_vs_sequential": {}, "continuous_vs_transformers": {}}
     servers = list(SERVERS)
-    for make in models:
+    for key, make in models.items():
         model, tokenizer, label = make()
         memory = bytes_per_token(model.config, model.dtype)
-        for load, rate in enumerate(rates):
+        for load, rate in enumerate(rates[key]):
             trace = make_trace(tokenizer, requests, rate, prompt_range, output_range, seed)
             order = servers[load % len(servers):] + servers[: load % len(servers)]  # alternate who goes first
             rows = {}
@@ -221,7 +198,7 @@ def run(models: list[Callable], rates: list[float], requests: int, prompt_range,
                 rows[name] = summarise(SERVERS[name](model, tokenizer, trace), trace)
             for name in servers:
                 table.append({"model": label, "rate requests/s": rate, "server": name, **rows[name]})
-        busiest = [row for row in table if row["model"] == label and row["rate requests/s"] == max(rates)]
+        busiest = [row for row in table if row["model"] == label and row["rate requests/s"] == max(rates[key])]
         speed = {row["server"]: row["throughput tokens/s"] for row in busiest}
         ratios["continuous_vs_sequential"][label] = speed["continuous (ours)"] / speed["one at a time"]
         ratios["continuous_vs_transformers"][label] = speed["continuous (ours)"] / speed["continuous (transformers)"]
@@ -241,16 +218,19 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    settings = {"requests": 8, "rates": [2.0, 16.0], "prompt_range": [8, 48], "output_range": [8, 32]} if args.quick \
-        else {"requests": 16, "rates": [1.0, 2.0, 4.0, 8.0, 16.0], "prompt_range": [8, 96], "output_range": [16, 96]}
+    # The load curve on GPT-2 small's architecture; the embedded model at a light and the busiest load.
+    settings = {"requests": 8, "rates": {"gpt2": [2.0, 16.0], "embedded": [16.0]}, "prompt_range": [8, 48],
+                "output_range": [8, 32]} if args.quick else \
+        {"requests": 16, "rates": {"gpt2": [1.0, 2.0, 4.0, 8.0, 16.0], "embedded": [2.0, 16.0]},
+         "prompt_range": [8, 64], "output_range": [16, 64]}
     start = time.perf_counter()
     results = {
         "machine": {"cpu": cpu_name(), "torch threads": torch.get_num_threads(), "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d")},
         "settings": {**settings, "sampling": TRANSFORMERS_SETTINGS, "batch": BATCH, "seed": 0,
                      "servers": list(SERVERS)},
-        **run([gpt2_small, embedded], settings["rates"], settings["requests"], settings["prompt_range"],
-              settings["output_range"], seed=0),
+        **run({"gpt2": gpt2_small, "embedded": embedded}, settings["rates"], settings["requests"],
+              settings["prompt_range"], settings["output_range"], seed=0),
     }
     results["run s"] = time.perf_counter() - start
     output = args.output or (QUICK_RESULTS if args.quick else RESULTS)

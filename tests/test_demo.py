@@ -12,8 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from gpt2gen.apps.demo import (DemoInputError, chart_frame, compare, launch, make_request, scheduler_for,
-                                stream_updates)
+from gpt2gen.apps.demo import DemoInputError, chart_frame, compare, launch, make_request, scheduler_for, stream_updates
 from gpt2gen.decoding.generation import generate
 from gpt2gen.decoding.sampling import SamplingParams, process_logits
 from gpt2gen.models.loading import LoadedModel, load_model

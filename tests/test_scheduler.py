@@ -25,8 +25,9 @@ from gpt2gen.decoding.generation import generate
 from gpt2gen.decoding.sampling import SamplingParams
 from gpt2gen.serving import slots as slot_module
 from gpt2gen.serving.scheduler import _DONE as DONE
-from gpt2gen.serving.scheduler import QueueFull, Request, Scheduler
-from gpt2gen.serving.slots import bytes_per_token
+from gpt2gen.serving.scheduler import QueueFull, Request, Scheduler, replay
+from gpt2gen.serving.slots import bytes_per_token, paged, tokens_held
+from gpt2gen.serving.static_batches import StaticBatcher, padding_share
 
 WORDS = ["the", "cat", "and", "a", "dog", "sat", "on", "mat", "ran", "far", "away", "home", "é", "🙂"]
 PATTERN = r"( [a-z]{1,6}){1,8}"  # test_engine's: its token index is cached once for both
@@ -80,19 +81,10 @@ def traffic(draw, constrained: Constraint):
     return plan, draw(st.integers(1, 4)), draw(st.integers(1, 9))
 
 
-def serve(scheduler: Scheduler, plan) -> list:
+def serve(server, plan) -> list:
     """Submit each request at its arrival step, cancel at its leaving step, step until all are done."""
-    handles: list = [None] * len(plan)
-    step = 0
-    while step <= max(a for a, _, _ in plan) or scheduler.busy():
-        for index, (arrival, leaves, request) in enumerate(plan):
-            if arrival == step:
-                handles[index] = scheduler.submit(request)
-            if leaves == step and handles[index] is not None:
-                handles[index].cancel()
-        scheduler.step()
-        step += 1
-    return handles
+    return replay(server, [(arrival, request) for arrival, _, request in plan],
+                  {i: leaves for i, (_, leaves, _) in enumerate(plan) if leaves is not None})
 
 
 def alone(model, tokenizer, request: Request, output_scores: bool = False):
@@ -272,3 +264,38 @@ def test_gpt2_small_takes_72_kib_per_token():
     from gpt2gen.models.gpt2_reference import gpt2_config
 
     assert bytes_per_token(gpt2_config()[0], torch.float32) == 2 * 12 * 768 * 4 == 72 * 1024
+
+
+def test_static_batches_wait_for_their_longest_member(tiny_model, tokenizer):
+    """The baseline: greedy rows give their tokens alone; a newcomer waits for the whole batch; finished rows pad."""
+    plan = [(0, None, Request(f"the cat sat {i}", SamplingParams.greedy(), max_new_tokens=n, stop_at_eos=False))
+            for i, n in enumerate([2, 8, 4])]
+    plan.append((1, None, Request("a dog", SamplingParams.greedy(), max_new_tokens=3, stop_at_eos=False)))
+    batcher = StaticBatcher(tiny_model, tokenizer, slots=3)
+    handles = serve(batcher, plan)
+    for (_, _, request), handle in zip(plan, handles):
+        result = generate(tiny_model, tokenizer, request.prompt, request.params, request.max_new_tokens,
+                          stop_at_eos=False)
+        assert handle.tokens == result.new_tokens[0] and handle.finish_reason == "length"
+    assert handles[3].work[0][0] == 9  # after the 8 steps of the first batch (its prefill gave the first token)
+    padding = [kind for h in handles[:3] for _, kind, _ in h.work].count("padding")
+    assert padding == (8 - 2) + (8 - 4) and padding_share(handles) == padding / (8 * 3 - 3 + 2)
+
+
+def test_the_tokens_held_read_from_the_logs_are_the_ones_in_the_slots(tiny_model, tokenizer):
+    plan = busy_plan() + [(1, 6, Request("a dog ran", SamplingParams.greedy(), max_new_tokens=30))]
+    scheduler, seen, clock = Scheduler(tiny_model, tokenizer, slots=3, prefill_chunk=3), [], 0
+    handles: list = [None] * len(plan)
+    while clock <= 6 or scheduler.busy():
+        for index, (arrival, leaves, request) in enumerate(plan):
+            if arrival == clock:
+                handles[index] = scheduler.submit(request)
+            if leaves == clock:
+                handles[index].cancel()
+        scheduler.step()
+        seen.append({live.handle.id: live.length for live in scheduler.live})
+        clock += 1
+    assert handles[-1].finish_reason == "cancelled" and handles[-1].work  # it left its slot while decoding
+    held = tokens_held(handles, scheduler.iteration)
+    assert [{h.id: n for h, n in zip(handles, row) if n} for row in held] == seen
+    assert (paged(0, 16), paged(1, 16), paged(16, 16), paged(17, 16)) == (0, 16, 16, 32)

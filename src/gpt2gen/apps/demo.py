@@ -51,6 +51,7 @@ STEP_TIMEOUT_S = 120  # longest wait for one token before the stream gives up
 STATUS_EVERY_S = 0.5  # how often the structured tab reports while it builds (and notices a user who left)
 MAX_QUEUE = 32  # users waiting for the server to take their request; more are refused at once
 BATCH = 16  # requests decoding together in the scheduler's one batch
+SLOT_TOKENS = 1024  # the most tokens (prompt and new) one request holds in the scheduler's KV cache: GPT-2's context
 
 
 class DemoInputError(ValueError):
@@ -463,17 +464,17 @@ _schedulers: dict[int, Scheduler] = {}
 def scheduler_for(loaded: LoadedModel, batch: int = BATCH, max_waiting: int | None = None) -> Scheduler:
     """The running scheduler that serves `loaded` (made and started on first use, one per model).
 
-    A slot holds the model's context, or the longest request the demo takes when that is less
-    (a prompt of `MAX_PROMPT_CHARS` tokens and `MAX_NEW_TOKENS`): the memory it holds is
-    `batch x capacity x bytes per token` (`Scheduler.cache.nbytes`). Its waiting line takes every
-    request Gradio lets through (a Compare of every method is `len(METHODS)` requests).
+    A slot holds `SLOT_TOKENS` tokens, or the model's context where that is less, so the memory
+    held is `batch x capacity x bytes per token` (`Scheduler.cache.nbytes`) whatever the model's
+    context. Its waiting line takes every request Gradio lets through (a Compare of every method is
+    `len(METHODS)` requests).
     """
     with _loaded_lock:
         scheduler = _schedulers.get(id(loaded))
         if scheduler is None or scheduler.slots != batch:
             if scheduler is not None:
                 scheduler.close()
-            capacity = min(loaded.context_length, MAX_PROMPT_CHARS + MAX_NEW_TOKENS)
+            capacity = min(loaded.context_length, SLOT_TOKENS)
             waiting = max_waiting or batch * len(METHODS)
             scheduler = _schedulers[id(loaded)] = Scheduler(loaded.model, loaded.tokenizer, slots=batch,
                                                             max_waiting=waiting, capacity=capacity).start()

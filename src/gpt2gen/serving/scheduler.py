@@ -95,6 +95,7 @@ class Handle:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # as `generate`'s, or "stop" (a stop string) or "cancelled"
+    left_iteration: int | None = None  # the iteration in which it left its slot (finished, or dropped when cancelled)
     first_token: float | None = None
     token_times: list[float] = field(default_factory=list)
     finished: float | None = None
@@ -106,6 +107,11 @@ class Handle:
     def cancel(self) -> None:
         """Stop this request: it leaves (and frees its slot) at the scheduler's next step."""
         self._cancelled.set()
+
+    def end(self, reason: str) -> None:
+        """Mark the request finished (`reason`) and tell whoever streams it."""
+        self.finish_reason, self.finished = reason, time.perf_counter()
+        self.events.put(_DONE)
 
     @property
     def done(self) -> bool:
@@ -223,13 +229,13 @@ class Scheduler:
 
     def step(self) -> None:
         """One iteration: drop the cancelled, admit and prefill, one decode step, drop the finished."""
+        self.iteration += 1
         with self._lock:
             for handle in [h for h in self.waiting if h._cancelled.is_set()]:
                 self.waiting.remove(handle)
-                self._finish_handle(handle, "cancelled")
+                handle.end("cancelled")
         for live in [x for x in self.live if x.handle._cancelled.is_set()]:
             self._leave(live, "cancelled")
-        self.iteration += 1
         self._prefill()
         self._decode()
 
@@ -370,16 +376,12 @@ class Scheduler:
                 self.cache.move(last, mover, self.live[last].length)
                 self.live[mover] = self.live[last]
         self.live.pop()
+        live.handle.left_iteration = self.iteration
         if reason != "stop":
             live.handle.text += live.decoder.flush()  # an incomplete character decodes as U+FFFD, as in `decode`
         if tail := live.handle.text[live.emitted :]:
             live.handle.events.put(Event(tail, None))
-        self._finish_handle(live.handle, reason)
-
-    def _finish_handle(self, handle: Handle, reason: str) -> None:
-        handle.finish_reason = reason
-        handle.finished = time.perf_counter()
-        handle.events.put(_DONE)
+        live.handle.end(reason)
 
     # Serving from a thread
 
@@ -403,12 +405,12 @@ class Scheduler:
                 for live in list(self.live):
                     live.handle.events.put(error)
                     self.live.remove(live)
-                    self._finish_handle(live.handle, "error")
+                    live.handle.end("error")
         for live in list(self.live):
             self._leave(live, "cancelled")
         with self._lock:
             while self.waiting:
-                self._finish_handle(self.waiting.popleft(), "cancelled")
+                self.waiting.popleft().end("cancelled")
 
     def close(self) -> None:
         """Stop the loop's thread; requests still waiting or running end as "cancelled"."""
@@ -429,3 +431,21 @@ def _stop_prefix(text: str, stops: Sequence[str]) -> int:
                 longest = size
                 break
     return longest
+
+
+def replay(server, arrivals: Sequence[tuple[int, Request]], leaves: dict[int, int] | None = None) -> list[Handle]:
+    """Serve a trace on a clock of iterations: request i is submitted just before iteration `arrivals[i][0]`
+    (and cancelled then at `leaves[i]`, its user leaving); the server (`Scheduler` or
+    `static_batches.StaticBatcher`) steps until every request is done. Returns the handles, in order."""
+    leaves = leaves or {}
+    handles: list[Handle | None] = [None] * len(arrivals)
+    clock = 0
+    while clock <= max(at for at, _ in arrivals) or server.busy():
+        for index, (at, request) in enumerate(arrivals):
+            if at == clock:
+                handles[index] = server.submit(request)
+            if leaves.get(index) == clock and handles[index] is not None:
+                handles[index].cancel()
+        server.step()
+        clock += 1
+    return handles

@@ -133,3 +133,20 @@ def attention_mask(lengths: torch.Tensor, queries: int, width: int, dtype: torch
     if boolean:
         return seen[:, None]
     return torch.zeros(seen.shape, dtype=dtype, device=lengths.device).masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+
+
+def tokens_held(handles: list, iterations: int) -> list[list[int]]:
+    """The tokens each request (a scheduler's `Handle`) holds in the cache after each iteration
+    1..`iterations`: what it has fed so far (its `work` log), from its first work until the
+    iteration in which it left its slot (0 before and after)."""
+    held = []
+    for iteration in range(1, iterations + 1):
+        held.append([sum(fed for at, _, fed in h.work if at <= iteration)
+                     if h.work and h.work[0][0] <= iteration < (h.left_iteration or iterations + 1) else 0
+                     for h in handles])
+    return held
+
+
+def paged(tokens: int, block: int) -> int:
+    """Positions a paged cache allocates for `tokens` tokens: whole blocks of `block` positions."""
+    return -(-tokens // block) * block

@@ -265,3 +265,25 @@ def plot_search_tree(
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+WORK_COLORS = {"waiting": "#dddddd", "prefill": "tab:orange", "decode": "tab:blue", "padding": "tab:red"}
+
+
+def plot_serving_timeline(handles: Sequence, title: str = "", ax: Axes | None = None) -> Axes:
+    """A Gantt chart of a served trace on the clock of iterations, one row per request (`serving` handles):
+    waiting from its arrival, then at each iteration its prefill, decode or padding (a finished
+    request's row still computed)."""
+    ax = ax or plt.subplots(figsize=(9, 0.4 * len(handles) + 1.2))[1]
+    for row, handle in enumerate(handles):
+        arrived = handle.submitted_iteration + 1
+        ax.broken_barh([(arrived - 0.5, handle.work[0][0] - arrived)], (row - 0.4, 0.8), color=WORK_COLORS["waiting"])
+        for iteration, kind, _ in handle.work:
+            ax.broken_barh([(iteration - 0.5, 1)], (row - 0.4, 0.8), color=WORK_COLORS[kind])
+    ax.set_yticks(range(len(handles)), [f"request {h.id}" for h in handles])
+    ax.invert_yaxis()
+    ax.set_xlabel("iteration (one forward pass of the batch)")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in WORK_COLORS.values()], labels=list(WORK_COLORS),
+              loc="lower right", fontsize=8)
+    ax.set_title(title)
+    return ax

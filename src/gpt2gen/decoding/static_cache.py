@@ -185,6 +185,7 @@ def static_decode_steps(
     cuda_graph: bool | None = None,
     check_every: int | None = None,
     output_scores: bool = True,
+    may_finish: bool = True,
 ) -> Iterator[StaticStep]:
     """Yield one `StaticStep` per new token, at most `steps`, until every row has finished.
 
@@ -195,14 +196,16 @@ def static_decode_steps(
     steps; should capture fail, the eager static step carries on, after a one-line warning.
     "Every row finished" is checked every `check_every` steps (default 1, or 8 on CUDA); the steps
     in between are held back, and only those up to the one where the last row finished are
-    yielded, so the output is the same as checking at every step.
+    yielded, so the output is the same as checking at every step. `may_finish` False says that no
+    row can end early (no EOS, nothing that cuts a row empty): then no step is held and none is
+    checked, so the loop never waits for the device before its end.
     """
     device = input_ids.device
     on_cuda = device.type == "cuda"
     cuda_graph = on_cuda if cuda_graph is None else cuda_graph
     if cuda_graph and not on_cuda:
         raise ValueError(f"a CUDA graph needs the model on a CUDA device, not {device}")
-    check_every = check_every or (CHECK_EVERY_ON_CUDA if on_cuda else 1)
+    check_every = check_every or (CHECK_EVERY_ON_CUDA if on_cuda and may_finish else 1)
     with torch.inference_mode():
         decoder = StaticDecoder(model, input_ids, attention_mask, steps, choose, eos_token_id, pad_token_id,
                                 output_scores)
@@ -210,7 +213,7 @@ def static_decode_steps(
     held = [decoder.output()]
     for index in range(1, steps):
         if len(held) == check_every:
-            ready, done = _until_all_finished(held)
+            ready, done = _until_all_finished(held) if may_finish else (held, False)
             yield from ready
             if done:
                 return
@@ -223,7 +226,7 @@ def static_decode_steps(
                     cuda_graph = _try_capture(decoder, generator, device)
                 decoder.step()
         held.append(decoder.output())
-    yield from _until_all_finished(held)[0]
+    yield from _until_all_finished(held)[0] if may_finish else held
 
 
 def _until_all_finished(held: list[StaticStep]) -> tuple[list[StaticStep], bool]:

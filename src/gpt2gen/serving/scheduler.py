@@ -6,7 +6,9 @@
 2. waiting requests are admitted into free slots (first come, first served) and their prompts run
    through the model in chunks of at most `prefill_chunk` tokens per iteration, one request at a
    time, so that a long prompt delays the others' next tokens by one chunk, not by all of it;
-3. one forward pass feeds every decoding request its last token, each at its own position, and
+3. one forward pass feeds every decoding request its last token, each at its own position (a
+   request whose prompt ran in this iteration has its first token from that pass, and joins at the
+   next), and
    each request chooses its next token with its own processors (`decoding.processors`: remedies,
    constraint, warpers) and its own random generator;
 4. requests that finished (end of text, their `max_new_tokens`, a stop string, a constraint's
@@ -286,7 +288,9 @@ class Scheduler:
         return live
 
     def _decode(self) -> None:
-        rows = [live for live in self.live if live.prefilled == len(live.handle.prompt_ids)]
+        # A request whose prompt finished in this iteration got its first token from that pass; it decodes from the next.
+        rows = [live for live in self.live if live.prefilled == len(live.handle.prompt_ids)
+                and live.handle.work[-1][0] < self.iteration]
         if not rows:
             return
         lengths = torch.tensor([live.length for live in rows], device=self.device)

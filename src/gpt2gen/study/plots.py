@@ -284,6 +284,6 @@ def plot_serving_timeline(handles: Sequence, title: str = "", ax: Axes | None = 
     ax.invert_yaxis()
     ax.set_xlabel("iteration (one forward pass of the batch)")
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in WORK_COLORS.values()], labels=list(WORK_COLORS),
-              loc="lower right", fontsize=8)
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_title(title)
     return ax

@@ -21,6 +21,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -458,11 +459,12 @@ def get_model(name: str | None = None) -> LoadedModel:
         return _loaded[key]
 
 
-_schedulers: dict[int, Scheduler] = {}
+_schedulers: dict[int, tuple[weakref.ref, Scheduler]] = {}  # id(loaded): (a reference to it, its scheduler)
 
 
-def scheduler_for(loaded: LoadedModel, batch: int = BATCH, max_waiting: int | None = None) -> Scheduler:
-    """The running scheduler that serves `loaded` (made and started on first use, one per model).
+def scheduler_for(loaded: LoadedModel, batch: int = BATCH) -> Scheduler:
+    """The running scheduler that serves `loaded` (made and started on first use, one per model; its
+    thread ends with the model).
 
     A slot holds `SLOT_TOKENS` tokens, or the model's context where that is less, so the memory
     held is `batch x capacity x bytes per token` (`Scheduler.cache.nbytes`) whatever the model's
@@ -470,14 +472,14 @@ def scheduler_for(loaded: LoadedModel, batch: int = BATCH, max_waiting: int | No
     `len(METHODS)` requests).
     """
     with _loaded_lock:
-        scheduler = _schedulers.get(id(loaded))
-        if scheduler is None or scheduler.slots != batch:
-            if scheduler is not None:
+        owner, scheduler = _schedulers.get(id(loaded), (None, None))
+        if owner is None or owner() is not loaded or scheduler.slots != batch:
+            if scheduler is not None and owner() is loaded:
                 scheduler.close()
-            capacity = min(loaded.context_length, SLOT_TOKENS)
-            waiting = max_waiting or batch * len(METHODS)
-            scheduler = _schedulers[id(loaded)] = Scheduler(loaded.model, loaded.tokenizer, slots=batch,
-                                                            max_waiting=waiting, capacity=capacity).start()
+            scheduler = Scheduler(loaded.model, loaded.tokenizer, slots=batch, max_waiting=batch * len(METHODS),
+                                  capacity=min(loaded.context_length, SLOT_TOKENS)).start()
+            _schedulers[id(loaded)] = (weakref.ref(loaded), scheduler)
+            weakref.finalize(loaded, scheduler.close)
         return scheduler
 
 

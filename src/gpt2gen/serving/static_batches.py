@@ -1,6 +1,6 @@
 """Static batching, the baseline that continuous batching improves on (notebook 09, benchmarks/serving.py).
 
-`StaticBatcher` has the scheduler's interface (`submit`, `step`, `busy`, `run`, the same `Handle`s)
+`StaticBatcher` has the scheduler's interface (`submit`, `step`, `busy`, the same `Handle`s; `replay` serves both)
 and the policy most servers started with: when it is idle it takes every waiting request (up to
 `slots`) and runs them as one left-padded batch (`decoding.generation.decode_steps`) until its
 longest member is done. Nobody joins a running batch, so newcomers wait for all of it; a row whose
@@ -51,10 +51,6 @@ class StaticBatcher:
 
     def busy(self) -> bool:
         return bool(self.waiting or self.batch)
-
-    def run(self) -> None:
-        while self.busy():
-            self.step()
 
     def step(self) -> None:
         """One forward pass: the next batch's prompts, or one more token for every row of the running batch."""

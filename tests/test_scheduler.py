@@ -299,3 +299,47 @@ def test_the_tokens_held_read_from_the_logs_are_the_ones_in_the_slots(tiny_model
     held = tokens_held(handles, scheduler.iteration)
     assert [{h.id: n for h, n in zip(handles, row) if n} for row in held] == seen
     assert (paged(0, 16), paged(1, 16), paged(16, 16), paged(17, 16)) == (0, 16, 16, 32)
+
+
+def test_a_request_that_cannot_be_set_up_fails_alone(tiny_model, tokenizer, monkeypatch):
+    set_up = Scheduler._set_up
+
+    def failing(self, handle):
+        if handle.request.prompt == "boom":
+            raise RuntimeError("no processors for this one")
+        return set_up(self, handle)
+
+    monkeypatch.setattr(Scheduler, "_set_up", failing)
+    scheduler = Scheduler(tiny_model, tokenizer, slots=2)
+    plan = [(0, None, Request("boom", max_new_tokens=3)), (0, None, Request("the cat", max_new_tokens=3, seed=1))]
+    boom, fine = serve(scheduler, plan)
+    assert boom.finish_reason == "error" and fine.finish_reason == "length"
+    with pytest.raises(RuntimeError, match="no processors"):
+        list(boom)
+    assert fine.tokens == alone(tiny_model, tokenizer, fine.request)[0]
+
+
+def test_a_closed_scheduler_refuses_and_a_restarted_one_serves(tiny_model, tokenizer):
+    scheduler = Scheduler(tiny_model, tokenizer).start()
+    scheduler.close()
+    with pytest.raises(RuntimeError, match="the scheduler is closed"):
+        scheduler.submit(Request("a", max_new_tokens=2))
+    scheduler.start()
+    try:
+        assert len(list(scheduler.submit(Request("a", max_new_tokens=2)))) == 2
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("stop", ["END", ("",), ("ok", 3)])
+def test_stop_must_be_a_tuple_of_non_empty_strings(tiny_model, tokenizer, stop):
+    with pytest.raises(ValueError, match="stop must be a tuple of non-empty strings"):
+        Scheduler(tiny_model, tokenizer).submit(Request("a", stop=stop))
+
+
+def test_a_cancelled_static_request_ends_while_its_row_pads(tiny_model, tokenizer):
+    plan = [(0, 2, Request("the cat", SamplingParams.greedy(), max_new_tokens=8, stop_at_eos=False)),
+            (0, None, Request("a dog", SamplingParams.greedy(), max_new_tokens=8, stop_at_eos=False))]
+    left, stayed = serve(StaticBatcher(tiny_model, tokenizer, slots=2), plan)
+    assert left.finish_reason == "cancelled" and len(left.tokens) == 2
+    assert [kind for _, kind, _ in left.work].count("padding") == 6 and len(stayed.tokens) == 8

@@ -230,13 +230,19 @@ def stream_updates(loaded: LoadedModel, request: Request, stop: threading.Event 
 
 
 def _handle_chunks(handle, stop: threading.Event) -> Iterator:
+    """The request's events until it ends or `stop` is set; once tokens flow, at most `STEP_TIMEOUT_S` between two."""
+    last = None
     while not stop.is_set():
         try:
             event = handle.next_event(timeout=STATUS_EVERY_S)
         except queue.Empty:
+            if last is not None and time.monotonic() - last > STEP_TIMEOUT_S:
+                raise DemoInputError(f"No token came for {STEP_TIMEOUT_S} s: the server is overloaded, try again.") \
+                    from None
             continue
         if event is None:
             return
+        last = time.monotonic()
         yield event
 
 
@@ -363,13 +369,14 @@ def serve_all(loaded: LoadedModel, jobs: Sequence[tuple], max_new_tokens: int, s
     """(prompt, params, seed) jobs submitted together to the scheduler, waited for: their finished handles.
     A refusal is a message."""
     scheduler = scheduler or scheduler_for(loaded)
+    handles = []
     try:
-        handles = [scheduler.submit(ServedRequest(prompt, params, max_new_tokens, seed, constraint))
-                   for prompt, params, seed in jobs]
-    except QueueFull as exc:
-        raise DemoInputError(f"The server is busy: {exc}.") from None
-    except ValueError as exc:
-        raise DemoInputError(str(exc)) from None
+        for prompt, params, seed in jobs:
+            handles.append(scheduler.submit(ServedRequest(prompt, params, max_new_tokens, seed, constraint)))
+    except (QueueFull, ValueError) as exc:
+        for handle in handles:  # none of them is wanted any more
+            handle.cancel()
+        raise DemoInputError(f"The server is busy: {exc}." if isinstance(exc, QueueFull) else str(exc)) from None
     for handle in handles:
         for _ in handle:
             pass
@@ -462,9 +469,10 @@ def get_model(name: str | None = None) -> LoadedModel:
 _schedulers: dict[int, tuple[weakref.ref, Scheduler]] = {}  # id(loaded): (a reference to it, its scheduler)
 
 
-def scheduler_for(loaded: LoadedModel, batch: int = BATCH) -> Scheduler:
-    """The running scheduler that serves `loaded` (made and started on first use, one per model; its
-    thread ends with the model).
+def scheduler_for(loaded: LoadedModel, batch: int | None = None) -> Scheduler:
+    """The running scheduler that serves `loaded` (made and started on first use, with `batch` slots,
+    default `BATCH`; one per model, its thread ends with the model). A `batch` other than the running
+    one's replaces it (`launch` does, before anyone is served); None takes the running one.
 
     A slot holds `SLOT_TOKENS` tokens, or the model's context where that is less, so the memory
     held is `batch x capacity x bytes per token` (`Scheduler.cache.nbytes`) whatever the model's
@@ -473,9 +481,11 @@ def scheduler_for(loaded: LoadedModel, batch: int = BATCH) -> Scheduler:
     """
     with _loaded_lock:
         owner, scheduler = _schedulers.get(id(loaded), (None, None))
-        if owner is None or owner() is not loaded or scheduler.slots != batch:
-            if scheduler is not None and owner() is loaded:
+        running = owner is not None and owner() is loaded
+        if not running or batch not in (None, scheduler.slots):
+            if running:
                 scheduler.close()
+            batch = batch or BATCH
             scheduler = Scheduler(loaded.model, loaded.tokenizer, slots=batch, max_waiting=batch * len(METHODS),
                                   capacity=min(loaded.context_length, SLOT_TOKENS)).start()
             _schedulers[id(loaded)] = (weakref.ref(loaded), scheduler)

@@ -194,6 +194,8 @@ class Scheduler:
     def submit(self, request: Request) -> Handle:
         """Queue a request and return its handle; raise ValueError for settings the loop cannot serve, and
         `QueueFull` when `max_waiting` requests already wait."""
+        if isinstance(request.stop, str) or not all(isinstance(x, str) and x for x in request.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {request.stop!r}")
         if request.params.contrastive:
             raise ValueError("contrastive search (penalty_alpha > 0) runs top_k candidates through the model at "
                              "every step: serve it with generate(), not the scheduler")
@@ -209,6 +211,8 @@ class Scheduler:
         if request.constraint is not None and not request.stop_at_eos:
             raise ValueError("a constrained text ends with the end-of-text token: keep stop_at_eos=True")
         with self._lock:
+            if self._closing:
+                raise RuntimeError("the scheduler is closed: start() it again, or make a new one")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (the most this server queues): "
                                 "try again in a moment")
@@ -264,16 +268,27 @@ class Scheduler:
                 self._choose([live], logits)
 
     def _admit(self) -> _Live | None:
-        with self._lock:
-            if len(self.live) >= self.slots or not self.waiting:
-                return None
-            handle = self.waiting.popleft()
+        while True:
+            with self._lock:
+                if len(self.live) >= self.slots or not self.waiting:
+                    return None
+                handle = self.waiting.popleft()
+            try:
+                live = self._set_up(handle)
+            except Exception as error:  # this request alone fails (and learns why); the others are served
+                handle.events.put(error)
+                handle.end("error")
+                continue
+            self.live.append(live)
+            return live
+
+    def _set_up(self, handle: Handle) -> _Live:
+        """A request's processors, generator and decoder, for a slot."""
         request = handle.request
         prompt = torch.tensor([handle.prompt_ids], device=self.device)
         eos = self.tokenizer.eos_token_id if request.stop_at_eos else None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or 0)
-        room = self.capacity - prompt.shape[1]
-        steps = min(request.max_new_tokens, room)
+        steps = min(request.max_new_tokens, self.capacity - prompt.shape[1])
         reason_at_end = "length" if steps == request.max_new_tokens else "context"
         pipeline = LogitsPipeline(request.params, prompt, None, prompt.shape[1] + steps,
                                   constraint_mask(self.model, request.constraint, 1, eos))
@@ -282,10 +297,8 @@ class Scheduler:
             generator.seed()
         else:
             generator.manual_seed(request.seed)
-        live = _Live(handle, pipeline, Chooser(request.params, pipeline, generator), eos, pad, steps, reason_at_end,
+        return _Live(handle, pipeline, Chooser(request.params, pipeline, generator), eos, pad, steps, reason_at_end,
                      self.device, IncrementalDecoder(self.tokenizer))
-        self.live.append(live)
-        return live
 
     def _decode(self) -> None:
         # A request whose prompt finished in this iteration got its first token from that pass; it decodes from the next.
@@ -391,6 +404,7 @@ class Scheduler:
 
     def start(self) -> Scheduler:
         """Run the loop on a daemon thread until `close`; `submit` may then be called from any thread."""
+        self._closing = False
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="gpt2gen-scheduler", daemon=True)
             self._thread.start()
@@ -438,9 +452,10 @@ def _stop_prefix(text: str, stops: Sequence[str]) -> int:
 
 
 def replay(server, arrivals: Sequence[tuple[int, Request]], leaves: dict[int, int] | None = None) -> list[Handle]:
-    """Serve a trace on a clock of iterations: request i is submitted just before iteration `arrivals[i][0]`
-    (and cancelled then at `leaves[i]`, its user leaving); the server (`Scheduler` or
-    `static_batches.StaticBatcher`) steps until every request is done. Returns the handles, in order."""
+    """Serve a trace on a clock of iterations: at clock `arrivals[i][0]` request i is submitted (and at
+    `leaves[i]` cancelled, its user leaving), just before the server's iteration of that number + 1;
+    the server (`Scheduler` or `static_batches.StaticBatcher`) steps until every request is done.
+    Returns the handles, in order."""
     leaves = leaves or {}
     handles: list[Handle | None] = [None] * len(arrivals)
     clock = 0

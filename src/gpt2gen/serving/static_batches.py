@@ -7,7 +7,8 @@ longest member is done. Nobody joins a running batch, so newcomers wait for all 
 request has finished keeps its place in every later step (its work is logged as "padding"); and
 the whole batch draws from one generator, seeded by its first request, so a sampled text depends on
 who else was in the batch. The end-of-text token ends a row only when every request of the batch
-stops at it (one setting for the batch).
+stops at it (one setting for the batch). A cancelled request ends at the next step, but its row
+runs on as padding: nothing leaves a static batch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import fields
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..decoding.generation import IncrementalDecoder, encode_prompts, make_generator
+from ..decoding.generation import IncrementalDecoder, check_room, encode_prompts, make_generator
 from ..decoding.generation import decode_steps as decode
 from ..decoding.sampling import SamplingParams
 from .scheduler import DEFAULT_SLOTS, Event, Handle, Request
@@ -43,8 +44,9 @@ class StaticBatcher:
         """Queue a request; it runs in the next batch that starts after it arrived."""
         if request.constraint is not None or request.stop or request.params.contrastive:
             raise ValueError("the static baseline takes prompts, sampling settings and max_new_tokens only")
-        self._ids += 1
         ids = encode_prompts(self.tokenizer, request.prompt, self.model.device)[0][0].tolist()
+        check_room(self.model, len(ids), request.max_new_tokens)
+        self._ids += 1
         handle = Handle(request, self._ids, ids, time.perf_counter(), self.iteration)
         self.waiting.append(handle)
         return handle
@@ -63,6 +65,8 @@ class StaticBatcher:
         self.forward_passes += 1
         now = time.perf_counter()
         for row, handle in enumerate(self.batch):
+            if handle._cancelled.is_set() and not handle.done:
+                handle.end("cancelled")
             if handle.done:
                 handle.work.append((self.iteration, "padding", 1))
                 continue
@@ -76,10 +80,9 @@ class StaticBatcher:
             piece = self._decoders[row].push(token)
             handle.text += piece
             handle.events.put(Event(piece, token))
-            if bool(step.finished[row]):
-                handle.end("eos")
-            elif len(handle.tokens) == handle.request.max_new_tokens:
-                handle.end("length")
+            if bool(step.finished[row]) or len(handle.tokens) == handle.request.max_new_tokens:
+                handle.text += self._decoders[row].flush()
+                handle.end("eos" if bool(step.finished[row]) else "length")
         if all(handle.done for handle in self.batch):
             self._steps.close()
             self.batch, self._steps = [], None

@@ -282,7 +282,7 @@ def plot_serving_timeline(handles: Sequence, title: str = "", ax: Axes | None = 
             ax.broken_barh([(iteration - 0.5, 1)], (row - 0.4, 0.8), color=WORK_COLORS[kind])
     ax.set_yticks(range(len(handles)), [f"request {h.id}" for h in handles])
     ax.invert_yaxis()
-    ax.set_xlabel("iteration (one forward pass of the batch)")
+    ax.set_xlabel("iteration (static batches: one forward pass; the scheduler: one step)")
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in WORK_COLORS.values()], labels=list(WORK_COLORS),
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_title(title)

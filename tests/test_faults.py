@@ -592,7 +592,8 @@ def test_the_readme_states_the_limits_the_code_applies():
                    "0 to 2³²−1", f"at least {MIN_TEMPERATURE:g}", f"{demo.MAX_PROMPT_CHARS:,} characters",
                    f"{demo.MAX_NEW_TOKENS}; {demo.TEMPERATURE_RANGE[0]:g} to {demo.TEMPERATURE_RANGE[1]:g}; "
                    f"{demo.TOP_K_RANGE[0]} to {demo.TOP_K_RANGE[1]}", "at most once",
-                   f"{loading.HUB_PROBE_MEMORY_S:g} seconds", f"{demo.MAX_QUEUE} waiting requests",
+                   f"{loading.HUB_PROBE_MEMORY_S:g} seconds", f"{demo.BATCH} users served at once",
+                   f"{demo.MAX_QUEUE} more waiting", f"{demo.BATCH} slots of {demo.SLOT_TOKENS:,} tokens",
                    f"| `--repetition_penalty` | {REPETITION_PENALTY_LIMITS[0]:g} to "
                    f"{REPETITION_PENALTY_LIMITS[1]:g}:"):
         assert stated in section, stated

@@ -137,7 +137,7 @@ def continuous_transformers(model, tokenizer, trace: list[TraceRequest]) -> list
                 results[result.request_id] = result
     finally:
         manager.stop(block=True)
-        model.destroy_cached_continuous_batching_manager() if hasattr(model, "destroy_cached_continuous_batching_manager") else None
+        model.destroy_cached_continuous_batching_manager()  # the next load starts a manager of its own
     return [Served(start + trace[i].arrival, list(results[rid].timestamps)) for rid, i in ids.items()]
 
 

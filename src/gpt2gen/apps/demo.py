@@ -356,12 +356,11 @@ def compare(loaded: LoadedModel, prompt, methods: Sequence[str], temperature=1.0
         raise DemoInputError(f"Each method can be compared once (at most {len(METHODS)}): {', '.join(METHODS)}.")
     requests = [make_request(prompt, m, temperature, top_k, top_p, max_new_tokens, seed, **remedies) for m in methods]
     check_fits(loaded, requests[0])
-    texts = [h.text for h in serve_all(loaded, [(r.prompt, r.params, r.seed) for r in requests
-                                                 if r.method != "Contrastive"], requests[0].max_new_tokens, scheduler)]
-    texts.reverse()
+    served = iter(serve_all(loaded, [(r.prompt, r.params, r.seed) for r in requests if r.method != "Contrastive"],
+                            requests[0].max_new_tokens, scheduler))
     return pd.DataFrame({"method": list(methods), "settings": [r.settings for r in requests],
                          "text": [generate(loaded.model, loaded.tokenizer, prompt, r.params, r.max_new_tokens).texts[0]
-                                  if r.method == "Contrastive" else texts.pop() for r in requests]})
+                                  if r.method == "Contrastive" else next(served).text for r in requests]})
 
 
 def serve_all(loaded: LoadedModel, jobs: Sequence[tuple], max_new_tokens: int, scheduler: Scheduler | None = None,
